@@ -1,0 +1,273 @@
+"""One config tree for both stages, loaded from pipeline.yaml into dataclasses that check themselves.
+
+    cfg = load_config("pipeline.yaml", overrides=["preprocess.workers=4", "model.name_or_path=qwen2.5-vl-3b"])
+
+Every field can be overridden from the command line with `--set section.field=value` (the value is read as
+YAML, so `--set shards.samples_per_shard=64` gives an int and `--set source.splits=[train]` a list). A bad
+value raises `ConfigError` naming the field and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+@dataclass
+class SourceConfig:
+    """Where the raw Geo3K rows come from."""
+
+    hf_repo: str | None = "chenhegu/geo3k_imgurl"
+    """Hugging Face dataset id, fetched with huggingface_hub when `files` does not name the split."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Local parquet or JSONL file per split ({train: path}); overrides `hf_repo` for that split."""
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    """Splits to preprocess; each becomes data_shards/<dataset>/<split>/."""
+    input_key: str = "problem"
+    """Column with the problem text; `<image>` marks where each image goes."""
+    label_key: str = "answer"
+    """Column with the answer the assistant turn is trained on."""
+    image_key: str = "images"
+    """Column with the image(s): a list or a single entry of URL, path, file:// URL or {bytes, path}."""
+    max_rows: int | None = None
+    """Read only the first N rows of each split (smoke runs); None reads all."""
+
+    def validate(self, path: str = "source") -> None:
+        _check(bool(self.splits), f"{path}.splits", "list at least one split, e.g. [train, test]")
+        for split in self.splits:
+            _check(
+                split in self.files or bool(self.hf_repo),
+                f"{path}.files",
+                f"split {split!r} has no file and source.hf_repo is empty: set source.files.{split}=PATH",
+            )
+        for split, f in self.files.items():
+            _check(
+                str(f).endswith((".parquet", ".jsonl", ".json")),
+                f"{path}.files.{split}",
+                f"{f!r} is neither .parquet nor .jsonl",
+            )
+        _check(self.max_rows is None or self.max_rows > 0, f"{path}.max_rows", "must be positive or null")
+
+
+@dataclass
+class ModelConfig:
+    """The model whose processor tokenizes the shards (and, in training, the model trained)."""
+
+    name_or_path: str = "qwen3-vl-2b"
+    """A preset name (qwen2.5-vl-3b, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b, qwen3-vl-30b-a3b), a Hugging Face
+    hub id (Qwen/Qwen3-VL-2B-Instruct: known ids map to presets offline) or a local model directory."""
+    min_pixels: int | None = None
+    """Override the image processor's minimum pixels per image (None keeps the model's)."""
+    max_pixels: int | None = None
+    """Override the image processor's maximum pixels per image (None keeps the model's)."""
+
+    def validate(self, path: str = "model") -> None:
+        _check(bool(self.name_or_path), f"{path}.name_or_path", "name a preset, hub id or directory")
+        for name in ("min_pixels", "max_pixels"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{path}.{name}", "must be a positive pixel count or null")
+        if self.min_pixels and self.max_pixels:
+            _check(self.min_pixels <= self.max_pixels, f"{path}.min_pixels", "must not exceed model.max_pixels")
+
+
+@dataclass
+class FetchConfig:
+    """How images are downloaded and decoded."""
+
+    concurrency: int = 16
+    """Downloads in flight per worker process."""
+    connect_timeout: float = 10.0
+    """Seconds to establish a connection."""
+    read_timeout: float = 30.0
+    """Seconds without a byte before a read gives up; also bounds a whole download at 4x."""
+    retries: int = 3
+    """Extra attempts after a timeout, connection error, 429 or 5xx (never after another 4xx)."""
+    backoff: float = 0.5
+    """First retry waits this many seconds, doubling each time."""
+    max_bytes: int = 20_000_000
+    """Largest image file accepted."""
+    max_image_pixels: int = 50_000_000
+    """Largest decoded image (width x height) accepted; guards against decompression bombs."""
+    cache_dir: str = ".cache/geo3k/images"
+    """Downloaded files, keyed by URL, so a rerun downloads nothing; empty string disables."""
+
+    def validate(self, path: str = "preprocess.fetch") -> None:
+        _check(self.concurrency >= 1, f"{path}.concurrency", "must be at least 1")
+        _check(self.connect_timeout > 0 and self.read_timeout > 0, f"{path}.read_timeout", "timeouts must be > 0")
+        _check(self.retries >= 0, f"{path}.retries", "must be >= 0")
+        _check(self.max_bytes > 0, f"{path}.max_bytes", "must be > 0")
+        _check(self.max_image_pixels > 0, f"{path}.max_image_pixels", "must be > 0")
+
+
+@dataclass
+class PreprocessConfig:
+    """How rows become samples."""
+
+    response_template: str = "{answer}"
+    """The assistant turn; `{answer}` is replaced by the label, e.g. 'Answer: \\boxed{{{answer}}}'."""
+    system_prompt: str | None = None
+    """A system turn; None keeps the chat template's default (Qwen2.5-VL adds one, Qwen3-VL does not)."""
+    max_tokens: int = 4096
+    """A sample longer than this is rejected with its length (never cut): it must fit one micro-batch."""
+    workers: int = 0
+    """Worker processes; 0 means one per core."""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+    def validate(self, path: str = "preprocess") -> None:
+        _check("{answer}" in self.response_template, f"{path}.response_template", "must contain {answer}")
+        try:
+            self.response_template.format(answer="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"{path}.response_template: {e!r}; write literal braces doubled, e.g. '\\boxed{{{{answer}}}}'"
+            ) from None
+        _check(self.max_tokens >= 64, f"{path}.max_tokens", "must be at least 64")
+        _check(self.workers >= 0, f"{path}.workers", "must be >= 0 (0 = all cores)")
+        self.fetch.validate(f"{path}.fetch")
+
+
+@dataclass
+class ShardConfig:
+    """Where and how shards are written."""
+
+    output_dir: str = "data_shards"
+    """Root folder; shards go to <output_dir>/<dataset>/<split>/."""
+    samples_per_shard: int = 256
+    """Source rows per shard (rejected rows leave a shard a little smaller)."""
+    zstd_level: int = 10
+    """zstandard level for the pixel data (1-22); higher is smaller and slower to write, not to read."""
+
+    def validate(self, path: str = "shards") -> None:
+        _check(self.samples_per_shard >= 1, f"{path}.samples_per_shard", "must be at least 1")
+        _check(1 <= self.zstd_level <= 22, f"{path}.zstd_level", "must be 1..22")
+
+
+@dataclass
+class PipelineConfig:
+    """The root of pipeline.yaml."""
+
+    dataset: str = "geo3k"
+    """Dataset name: the folder under shards.output_dir."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training options (read by the train stage's own config class)."""
+
+    def validate(self) -> "PipelineConfig":
+        _check(
+            bool(self.dataset) and "/" not in self.dataset and not self.dataset.startswith("."),
+            "dataset",
+            "must be a plain folder name such as geo3k",
+        )
+        self.source.validate()
+        self.model.validate()
+        self.preprocess.validate()
+        self.shards.validate()
+        return self
+
+    def split_dir(self, split: str) -> Path:
+        return Path(self.shards.output_dir) / self.dataset / split
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Turn a YAML value into the annotated type, or say what was expected."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is dict:
+        _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, list), path, f"expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    args = get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if tp is bool:
+        _check(isinstance(value, bool), path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), path, f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are errors (a typo must not pass silently)."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown field; known fields here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` to a nested mapping, reading the value as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: write it as section.field=value, e.g. preprocess.workers=4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read pipeline.yaml (or defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found: pass --config PATH or run from the project folder")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    for o in overrides:
+        apply_override(data, o)
+    return from_dict(PipelineConfig, data).validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
