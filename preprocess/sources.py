@@ -29,6 +29,7 @@ class Source:
     origin: str  # what the user named: a path or hf://repo/file
     sha256: str
     table: pa.Table
+    image_root: Path | None = None
 
     @property
     def num_rows(self) -> int:
@@ -36,8 +37,8 @@ class Source:
 
     @property
     def base_dir(self) -> Path:
-        """Relative image paths in a local source are relative to its folder."""
-        return self.path.parent
+        """Relative image paths are read from source.image_root, else from the source file's folder."""
+        return self.image_root or self.path.parent
 
     def rows(self, start: int, stop: int) -> list[dict[str, Any]]:
         return self.table.slice(start, stop - start).to_pylist()
@@ -99,7 +100,10 @@ def open_source(cfg: SourceConfig, split: str, config_dir: Path | None = None) -
         table = _read_jsonl(path)
     if cfg.max_rows is not None:
         table = table.slice(0, cfg.max_rows)
-    return Source(split, path, origin, sha256_file(path), table)
+    image_root = Path(cfg.image_root) if cfg.image_root else None
+    if image_root is not None and not image_root.is_absolute() and config_dir is not None:
+        image_root = config_dir / image_root
+    return Source(split, path, origin, sha256_file(path), table, image_root)
 
 
 def row_fields(row: dict[str, Any], cfg: SourceConfig) -> tuple[Any, Any, list[Any]]:

@@ -43,6 +43,8 @@ class SourceConfig:
     """Column with the answer the assistant turn is trained on."""
     image_key: str = "images"
     """Column with the image(s): a list or a single entry of URL, path, file:// URL or {bytes, path}."""
+    image_root: str | None = None
+    """Folder that relative image paths are read from (default: the source file's own folder)."""
     max_rows: int | None = None
     """Read only the first N rows of each split (smoke runs); None reads all."""
 
@@ -102,8 +104,8 @@ class FetchConfig:
     """Largest image file accepted."""
     max_image_pixels: int = 50_000_000
     """Largest decoded image (width x height) accepted; guards against decompression bombs."""
-    cache_dir: str = ".cache/geo3k/images"
-    """Downloaded files, keyed by URL, so a rerun downloads nothing; empty string disables."""
+    cache_dir: str | None = ".cache/geo3k/images"
+    """Downloaded files, keyed by URL, so a rerun downloads nothing; null disables."""
 
     def validate(self, path: str = "preprocess.fetch") -> None:
         _check(self.concurrency >= 1, f"{path}.concurrency", "must be at least 1")

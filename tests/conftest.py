@@ -1,0 +1,70 @@
+"""Shared fixtures: small shard sets made once per test session from the demo data and the real samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# The ten real Geo3K problems live beside the checkout (../shared/geo3k_sample), never in the repo.
+SAMPLE_DIR = Path(os.environ.get("GEO3K_SAMPLE_DIR", REPO.parent / "shared" / "geo3k_sample"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the processor cache of the tests out of the user's home."""
+    os.environ.setdefault("GEO3K_CACHE", str(tmp_path_factory.mktemp("geo3k-cache")))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from preprocess.demo import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_data(out / "data", num_train=48, num_test=12, seed=0)
+    return out / "data"
+
+
+def make_config(out_dir: Path, files: dict[str, str], **extra: str):
+    overrides = [f"shards.output_dir={out_dir}", "preprocess.workers=1", "preprocess.fetch.cache_dir="]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    cfg = load_config(None, overrides)
+    cfg.source.files = files
+    cfg.source.splits = list(files)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data, tmp_path_factory) -> Path:
+    """data_shards-like root with geo3k/{train,test} made from the demo data (Qwen3-VL-2B processor)."""
+    from preprocess.pipeline import run_preprocess
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    cfg = make_config(
+        out,
+        {"train": str(demo_data / "train.parquet"), "test": str(demo_data / "test.parquet")},
+        **{"shards.samples_per_shard": "8"},
+    )
+    run_preprocess(cfg, progress=False)
+    return out / "geo3k"
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The ten real Geo3K problems of ../shared/geo3k_sample as a shard set (split 'train')."""
+    from preprocess.pipeline import run_preprocess
+
+    if not (SAMPLE_DIR / "problems.jsonl").exists():
+        pytest.fail(f"{SAMPLE_DIR} is missing: set GEO3K_SAMPLE_DIR to the geo3k_sample folder")
+    out = tmp_path_factory.mktemp("sample-shards")
+    cfg = make_config(
+        out,
+        {"train": str(SAMPLE_DIR / "problems.jsonl")},
+        **{"source.image_key": "image", "source.image_root": str(SAMPLE_DIR / "images"), "shards.samples_per_shard": "4"},
+    )
+    run_preprocess(cfg, progress=False)
+    return out / "geo3k" / "train"
