@@ -1,0 +1,52 @@
+"""Test-only helpers to run Megatron-Core models on CPU in one process (tests, not production).
+
+Megatron-Core expects torch.distributed and its parallel state to exist, and in a few places calls
+torch.cuda directly. The model code in train/models/ avoids those places (it builds rotary embeddings
+itself and sets `use_cpu_initialization`), so the only shim needed here is:
+
+- a one-process gloo group and `parallel_state.initialize_model_parallel(1, 1)`;
+- the CUDA RNG tracker is never touched on CPU with tensor-parallel size 1 and no dropout, so it is left
+  alone. If a future Megatron-Core version needs it, `tensor_parallel.random` is where to look.
+
+Nothing here patches Megatron-Core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_megatron_cpu() -> None:
+    """Idempotent: a world of one process (gloo) with every parallel size 1."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+
+
+CPU_OVERRIDES = dict(use_cpu_initialization=True, perform_initialization=False)
+"""TransformerConfig fields for CPU tests: allocate on CPU, skip random init (weights are loaded)."""
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,250 @@
+"""Variable-length ("packed", THD) attention for the Qwen-VL models.
+
+A packed micro-batch is one sequence of several whole samples laid end to end; `cu_seqlens` marks
+where each sample starts. Attention must never cross a boundary, so every kernel here takes
+`[total_tokens, heads, head_dim]` tensors plus `cu_seqlens` and attends inside each segment only.
+
+Backends, picked per call by what is available (`select_backend`):
+
+- ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
+- ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
+  2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
+- ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
+  a Python loop, so it is meant for tests and small runs, not for GPU throughput.
+
+The same function serves the language model (causal) and the vision encoder (non-causal, one segment
+per image or per attention window). `VarlenCoreAttention` plugs it into Megatron-Core's module specs as
+the `core_attention` submodule, because Megatron-Core's own local `DotProductAttention` refuses packed
+input and its packed path otherwise needs Transformer Engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+# Forces one backend (e.g. GEO3K_ATTN_BACKEND=sdpa) to compare kernels or to work around a broken one.
+_FORCE_ENV = "GEO3K_ATTN_BACKEND"
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen():
+    """Returns (varlen_attn, accepted keyword names) or None when this PyTorch has no varlen_attn."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends that can run tensors of this device and dtype, fastest first."""
+    names = []
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half:
+        if _flash_attn_varlen() is not None:
+            names.append("flash_attn")
+        if _torch_varlen() is not None:
+            names.append("torch_varlen")
+    names.append("sdpa")
+    return names
+
+
+def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+    forced = os.environ.get(_FORCE_ENV)
+    names = available_backends(device, dtype)
+    if forced:
+        if forced not in names:
+            raise ValueError(
+                f"{_FORCE_ENV}={forced} cannot run {dtype} tensors on {device}; available here: {names}. "
+                f"Unset {_FORCE_ENV} to pick automatically."
+            )
+        return forced
+    return names[0]
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention inside each segment of a packed sequence.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
+    cu_seqlens: int32 [num_segments + 1] starting at 0 and ending at T. Returns [T, Hq, D].
+    """
+    assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "expected [tokens, heads, head_dim]"
+    assert q.shape[1] % k.shape[1] == 0, "query heads must be a multiple of key/value heads"
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    backend = backend or select_backend(q.device, q.dtype)
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    max_seqlen = int(max_seqlen)
+    if backend == "flash_attn":
+        return _flash_attn_varlen()(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
+        )
+    if backend == "torch_varlen":
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if backend == "sdpa":
+        return _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    varlen_attn, params = _torch_varlen()
+    kwargs = {"scale": softmax_scale}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # older releases need as many key/value heads as query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if causal:
+        if "is_causal" in params:
+            kwargs["is_causal"] = True
+        else:
+            # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
+            kwargs["window_size"] = (-1, 0)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:  # zero-length windows occur in Qwen2.5-VL's window attention
+            continue
+        # SDPA wants [heads, tokens, dim]; repeat_interleave matches GQA's grouping (head h uses kv h // rep).
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron-Core core attention
+# ---------------------------------------------------------------------------------------------------
+
+
+class VarlenCoreAttention(torch.nn.Module):
+    """Megatron-Core `core_attention` submodule over packed sequences.
+
+    Plugged in through `SelfAttentionSubmodules(core_attention=VarlenCoreAttention)`. The model passes
+    `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=..., max_seqlen_q=...)`: the "sbhd" format keeps
+    Megatron's rotary embedding per token (our M-RoPE frequencies are per token, not per segment
+    offset), while the cu_seqlens reach this module. Query/key/value arrive as [T, 1, heads, dim]
+    (batch dimension 1) with this rank's share of heads; the output is [T, 1, heads * dim].
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+
+        self.config = config
+        self.layer_number = layer_number
+        if attention_type != "self":
+            raise ValueError("VarlenCoreAttention supports self-attention only")
+        if config.context_parallel_size != 1:
+            raise ValueError("VarlenCoreAttention does not support context parallelism; set context_parallel_size=1")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
+            raise ValueError("VarlenCoreAttention has no attention dropout (the Qwen recipes use none); set attention_dropout=0")
+        self.causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
+            raise ValueError("VarlenCoreAttention needs packed_seq_params with cu_seqlens_q (the packed layout)")
+        if attention_bias is not None:
+            raise ValueError("VarlenCoreAttention does not take an attention bias")
+        if query.dim() == 4:
+            assert query.shape[1] == 1, "packed input has batch dimension 1"
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        out = varlen_attention(
+            query, key, value,
+            packed_seq_params.cu_seqlens_q,
+            packed_seq_params.max_seqlen_q,
+            causal=self.causal,
+            softmax_scale=self.softmax_scale,
+        )
+        return out.reshape(out.shape[0], 1, -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers attention interface (vision encoder)
+# ---------------------------------------------------------------------------------------------------
+
+# transformers passes the per-image cu_seqlens only to implementations whose name contains "flash"
+# (`is_flash_attention_requested`); other names get a Python loop over images. Registering under such a
+# name routes the vision tower's packed images into `varlen_attention` in one call.
+HF_ATTN_NAME = "geo3k_flash_varlen"
+
+
+def _hf_varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                         cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                         is_causal=None, **kwargs):
+    # transformers hands [batch=1, heads, tokens, dim] and wants [batch=1, tokens, heads, dim] back.
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{HF_ATTN_NAME} is for packed vision input (cu_seq_lens_q is required)")
+    if dropout:
+        raise ValueError(f"{HF_ATTN_NAME} has no attention dropout")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
+    if max_length_q is None:
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    out = varlen_attention(q, k, v, cu_seq_lens_q, max_length_q, causal=causal, softmax_scale=scaling)
+    return out.unsqueeze(0), None
+
+
+@functools.cache
+def register_hf_attention() -> str:
+    """Registers the varlen kernel with transformers (idempotent) and returns its implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_ATTN_NAME, _hf_varlen_attention)
+    return HF_ATTN_NAME

@@ -1,0 +1,310 @@
+"""Qwen2.5-VL and Qwen3-VL (dense and MoE) on Megatron-Core, over packed micro-batches.
+
+Structure (one class per concern, no Transformer Engine):
+
+- `VisionTower` (vision.py): transformers' vision module, replicated on tensor-parallel ranks.
+- `QwenVLLanguageModel`: Megatron-Core's `GPTModel` built from the *local* layer spec, with
+  `VarlenCoreAttention` as core attention (packed sequences) and `QwenMRoPE` as rotary embedding
+  (Qwen3-VL's interleaved sections are not in Megatron-Core). GQA, RMSNorm, SwiGLU, QK-norm (Qwen3) or
+  QKV bias (Qwen2.5), tied embeddings and MoE come from Megatron-Core's own layers.
+- Deepstack (Qwen3-VL): features of intermediate ViT layers are added to the hidden states after the
+  first LLM layers at image positions. They travel through `TransformerBlock` as its `context` tensor,
+  which the local spec's self-attention-only layers pass through untouched; `DeepstackTransformerLayer`
+  adds slice `layer_number - 1`. Riding on `context` keeps Megatron's own activation recomputation
+  working (it re-feeds `context` to recomputed layers) without subclassing `TransformerBlock`.
+
+The packed micro-batch interface (see docs/megatron-models.md) is `QwenVLModel.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from train.models.attention import VarlenCoreAttention
+from train.models.rope import QwenMRoPE
+from train.models.vision import VisionTower
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+# Defaults of the transformers rotary classes when a config carries no mrope_section.
+_DEFAULT_MROPE_SECTION = {"qwen2_5_vl": [16, 24, 24], "qwen3_vl": [24, 20, 20], "qwen3_vl_moe": [24, 20, 20]}
+
+IGNORE_INDEX = -100
+
+
+def _check_model_type(hf_config) -> str:
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {hf_config.model_type!r} is not supported; use a checkpoint of one of {SUPPORTED_MODEL_TYPES}"
+        )
+    return hf_config.model_type
+
+
+def mrope_settings(hf_config) -> tuple[list[int], bool, float]:
+    """(mrope_section, interleaved, rope_theta) of the language model."""
+    text = hf_config.text_config
+    model_type = _check_model_type(hf_config)
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    legacy = getattr(text, "rope_scaling", None) or {}  # transformers < 5 spelling, still in old config.json files
+    section = rope.get("mrope_section") or legacy.get("mrope_section") or _DEFAULT_MROPE_SECTION[model_type]
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the text config has no rope_theta (rope_parameters['rope_theta'])")
+    # Qwen3-VL always interleaves (transformers hard-codes it; configs also say mrope_interleaved=true).
+    return list(section), model_type != "qwen2_5_vl", float(theta)
+
+
+def tie_word_embeddings(hf_config) -> bool:
+    # The top-level flag is the one transformers acts on for the VL wrapper classes.
+    return bool(getattr(hf_config, "tie_word_embeddings", False))
+
+
+def head_dim(text) -> int:
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def moe_layer_pattern(text) -> list[int] | None:
+    """1 for a MoE layer, 0 for a dense one, as transformers decides it (None: dense model)."""
+    num_experts = getattr(text, "num_experts", 0) or 0
+    if num_experts == 0:
+        return None
+    step = getattr(text, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(text, "mlp_only_layers", []) or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(text.num_hidden_layers)]
+
+
+def transformer_config_from_hf(hf_config, **overrides) -> TransformerConfig:
+    """Megatron-Core `TransformerConfig` for the language model of a transformers Qwen-VL config.
+
+    `overrides` are TransformerConfig fields set by the trainer (parallel sizes, bf16, recomputation...).
+    """
+    model_type = _check_model_type(hf_config)
+    text = hf_config.text_config
+    if text.hidden_act != "silu":
+        raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {text.hidden_act!r}")
+    section, _, _ = mrope_settings(hf_config)
+    kwargs = dict(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=head_dim(text),
+        normalization="RMSNorm",
+        layernorm_epsilon=text.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        # Qwen2.5 has biases on q/k/v only; Qwen3 has none and normalises q and k per head instead.
+        add_qkv_bias=bool(getattr(text, "attention_bias", model_type == "qwen2_5_vl")),
+        qk_layernorm=model_type != "qwen2_5_vl",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mrope_section=section,
+        # Fusions need Apex/TE kernels we do not assume; the unfused paths are exact.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    pattern = moe_layer_pattern(text)
+    if pattern is not None:
+        kwargs.update(
+            num_moe_experts=text.num_experts,
+            moe_router_topk=text.num_experts_per_tok,
+            moe_ffn_hidden_size=text.moe_intermediate_size,
+            moe_layer_freq=pattern,
+            # transformers: softmax over all experts, top-k, renormalise. Without pre-softmax Megatron
+            # takes the top-k logits and softmaxes them: the same probabilities.
+            moe_router_pre_softmax=False,
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type="none",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_aux_loss_coeff=0.0,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class DeepstackTransformerLayer(TransformerLayer):
+    """A TransformerLayer that adds `context[layer_number - 1]` (deepstack features) to its output.
+
+    `context` is [num_deepstack_layers, T, 1, hidden] (zeros away from image tokens) or None.
+    """
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        idx = self.layer_number - 1
+        if context is not None and idx < context.shape[0]:
+            output = output + context[idx].to(output.dtype)
+        return output, context
+
+
+def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None):
+    """Megatron-Core's local (no Transformer Engine) GPT layers, with varlen attention and deepstack.
+
+    The block spec (not a single layer spec) so that MoE models can mix dense and MoE layers
+    (`moe_layer_freq`, from transformers' `mlp_only_layers` / `decoder_sparse_step`).
+    """
+    block = get_gpt_decoder_block_spec(
+        tf_config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    for spec in block.layer_specs:
+        spec.module = DeepstackTransformerLayer
+        spec.submodules.self_attention.submodules.core_attention = VarlenCoreAttention
+    return block
+
+
+class QwenVLLanguageModel(GPTModel):
+    """GPTModel whose rotary embedding is the Qwen M-RoPE of this checkpoint."""
+
+    def __init__(self, tf_config: TransformerConfig, hf_config, *, pre_process=True, post_process=True, **kwargs):
+        text = hf_config.text_config
+        super().__init__(
+            config=tf_config,
+            transformer_layer_spec=language_block_spec(tf_config, vp_stage=kwargs.get("vp_stage")),
+            vocab_size=text.vocab_size,
+            max_sequence_length=text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=tie_word_embeddings(hf_config),
+            # Built without Megatron's rotary module (its mrope is contiguous-only and allocates on
+            # torch.cuda at init); ours is installed below and GPTModel calls it as its 'mrope'.
+            position_embedding_type="none",
+            # The vision features are merged into the full sequence first; the model scatters the
+            # sequence for sequence parallelism itself afterwards.
+            scatter_embedding_sequence_parallel=False,
+            **kwargs,
+        )
+        section, interleaved, theta = mrope_settings(hf_config)
+        self.position_embedding_type = "mrope"
+        self.mrope_section = section
+        self.rotary_pos_emb = QwenMRoPE(head_dim(text), theta, section, interleaved)
+
+
+class QwenVLModel(MegatronModule):
+    """Vision tower + language model. Call with one packed micro-batch (see `forward`)."""
+
+    def __init__(self, hf_config, tf_config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=tf_config)
+        _check_model_type(hf_config)
+        self.hf_config = hf_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = hf_config.image_token_id
+        self.num_deepstack = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", None) or [])
+        if pre_process:
+            self.vision = VisionTower(hf_config, dtype=tf_config.params_dtype)
+        self.language_model = QwenVLLanguageModel(tf_config, hf_config, pre_process=pre_process, post_process=post_process)
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+
+    def set_input_tensor(self, input_tensor):
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One packed micro-batch (batch dimension 1, left implicit).
+
+        input_ids int64 [T]; position_ids int64 [3, T] (M-RoPE, restarting per sample); cu_seqlens int32
+        [num_samples + 1]; max_seqlen the longest sample; pixel_values [num_patches, C*t*P*P] and
+        image_grid_thw int64 [num_images, 3] for the images in order of appearance (or None);
+        labels int64 [T] already shifted (-100: no loss).
+
+        Returns logits [T, vocab] (gathered over tensor-parallel ranks) when labels is None, else the
+        float32 per-token loss [T], 0 where labels == -100: the trainer sums it and divides by the
+        number of loss tokens of the global batch.
+        """
+        if input_ids.dim() != 1 or position_ids.shape != (3, input_ids.shape[0]):
+            raise ValueError(
+                f"expected input_ids [T] and position_ids [3, T], got {tuple(input_ids.shape)} and "
+                f"{tuple(position_ids.shape)}: pass one packed sequence without a batch dimension"
+            )
+        decoder_input, deepstack = None, None
+        if self.pre_process:
+            decoder_input, deepstack = self._embed(input_ids, pixel_values, image_grid_thw)
+            if self.config.sequence_parallel:
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+                if deepstack is not None:
+                    deepstack = torch.stack([scatter_to_sequence_parallel_region(d) for d in deepstack])
+        packed = PackedSeqParams(
+            # "sbhd" keeps Megatron's rotary embedding per token (M-RoPE positions are per token);
+            # VarlenCoreAttention reads the boundaries from cu_seqlens_q.
+            qkv_format="sbhd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=int(max_seqlen),
+            max_seqlen_kv=int(max_seqlen),
+        )
+        safe_labels = None
+        if labels is not None:
+            # Megatron's vocab-parallel cross entropy has no ignore index: give it a valid id, mask after.
+            loss_mask = labels != IGNORE_INDEX
+            safe_labels = torch.where(loss_mask, labels, torch.zeros_like(labels))[None]
+        out = self.language_model(
+            input_ids=input_ids[None],
+            position_ids=position_ids[:, None, :],
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=safe_labels,
+            packed_seq_params=packed,
+            extra_block_kwargs={"context": deepstack} if deepstack is not None else None,
+            runtime_gather_output=True if labels is None else None,
+        )
+        if not self.post_process:
+            return out
+        if labels is None:
+            return out[0]  # [T, vocab]
+        return out[0].float() * loss_mask
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw):
+        """Token embeddings with the image features written over the image placeholder tokens."""
+        emb = self.language_model.embedding.word_embeddings(input_ids[None])  # [1, T, H]
+        emb = emb.transpose(0, 1).contiguous()  # Megatron's [s, b, h]
+        image_mask = input_ids == self.image_token_id
+        num_image_tokens = int(image_mask.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if num_image_tokens:
+                raise ValueError(f"{num_image_tokens} image tokens but no pixel_values")
+            return emb, None
+        vis = self.vision(pixel_values, image_grid_thw)
+        if vis.image_embeds.shape[0] != num_image_tokens:
+            raise ValueError(
+                f"the images give {vis.image_embeds.shape[0]} features but input_ids hold {num_image_tokens} "
+                f"image tokens (id {self.image_token_id}): pixel_values/image_grid_thw do not match the text"
+            )
+        idx = image_mask.nonzero().squeeze(1)
+        emb = emb.index_put((idx, torch.zeros_like(idx)), vis.image_embeds.to(emb.dtype))
+        deepstack = None
+        if vis.deepstack_embeds:
+            deepstack = emb.new_zeros((len(vis.deepstack_embeds),) + tuple(emb.shape))
+            for i, feats in enumerate(vis.deepstack_embeds):
+                deepstack[i, idx, 0] = feats.to(emb.dtype)
+        return emb, deepstack
+
+
+def build_model(hf_config, **overrides) -> QwenVLModel:
+    """A randomly initialised model for a transformers Qwen-VL config (load weights with convert.py)."""
+    return QwenVLModel(hf_config, transformer_config_from_hf(hf_config, **overrides))
