@@ -6,9 +6,12 @@ itself and sets `use_cpu_initialization`), so the only shim needed here is:
 
 - a one-process gloo group and `parallel_state.initialize_model_parallel(1, 1)`;
 - the CUDA RNG tracker is never touched on CPU with tensor-parallel size 1 and no dropout, so it is left
-  alone. If a future Megatron-Core version needs it, `tensor_parallel.random` is where to look.
+  alone. If a future Megatron-Core version needs it, `tensor_parallel.random` is where to look;
+- the MoE all-to-all token dispatcher creates a CUDA stream at construction, so CPU tests use the
+  all-gather dispatcher (the same result with one expert-parallel rank). (The MoE router's own
+  torch.cuda call is avoided in production code by `qwen_vl.LocalTopKRouter`.)
 
-Nothing here patches Megatron-Core.
+Nothing here changes Megatron-Core's files or production code paths.
 """
 
 from __future__ import annotations

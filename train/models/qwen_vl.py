@@ -26,6 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from train.models.attention import VarlenCoreAttention
@@ -152,6 +153,20 @@ class DeepstackTransformerLayer(TransformerLayer):
         return output, context
 
 
+class LocalTopKRouter(TopKRouter):
+    """Megatron-Core's top-k router with a plain-PyTorch gating matmul.
+
+    megatron-core 0.16.1's `TopKRouter.gating` moves its weight to `torch.cuda.current_device()` and
+    calls `te_general_gemm`, a name that exists only when Transformer Engine is installed (NameError
+    otherwise). The logits are the same `input @ weight.T` in the router dtype.
+    """
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        bias = self.bias.to(router_dtype) if self.bias is not None else None
+        return F.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+
+
 def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None):
     """Megatron-Core's local (no Transformer Engine) GPT layers, with varlen attention and deepstack.
 
@@ -164,6 +179,9 @@ def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = Non
     for spec in block.layer_specs:
         spec.module = DeepstackTransformerLayer
         spec.submodules.self_attention.submodules.core_attention = VarlenCoreAttention
+        mlp = spec.submodules.mlp
+        if hasattr(getattr(mlp, "submodules", None), "router"):
+            mlp.submodules.router = LocalTopKRouter
     return block
 
 
