@@ -100,6 +100,58 @@ def demo_data(
     print(f"wrote {train} train + {test} test problems to {out}/ ; next: geo3k preprocess -c {cfg}")
 
 
+@app.command("inspect")
+def inspect_(
+    path: Annotated[Path, typer.Argument(metavar="DIR", help="A split folder of shards, e.g. data_shards/geo3k/train.", show_default=False)],
+    sample: Annotated[
+        Optional[str], typer.Option("--sample", help="Show one sample, by key (00000042) or position (42), loss span marked.")
+    ] = None,
+    save_image: Annotated[
+        Optional[Path], typer.Option("--save-image", help="With --sample: write its image, rebuilt from the stored pixels, as PNG.")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check every shard's sha256 and every record; exit 1 naming each bad one.")
+    ] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG histogram of token lengths, budget marked.")] = None,
+    budget: Annotated[int, typer.Option("--budget", help="Tokens per GPU micro-batch for the batching estimate and plot.")] = 4096,
+    processor: Annotated[
+        Optional[str], typer.Option("--processor", help="Decode with this preset or model folder instead of the manifest's.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Look inside a shard set: summary, one sample, integrity check, length histogram.
+
+    Examples:
+
+      geo3k inspect data_shards/geo3k/train
+
+      geo3k inspect data_shards/geo3k/train --sample 0 --save-image diagram.png
+
+      geo3k inspect data_shards/geo3k/train --verify
+
+      geo3k inspect data_shards/geo3k/train --plot lengths.png --budget 8192 --json
+    """
+    from shared import inspection
+
+    progress = (lambda name: print(f"verifying {name}", file=sys.stderr)) if verify and sys.stderr.isatty() else None
+    result = inspection.run(
+        path,
+        sample=sample,
+        save_image=save_image,
+        verify_=verify,
+        plot=plot,
+        budget=budget,
+        processor=processor,
+        color=not json_out and inspection.use_color(sys.stdout),
+        progress=progress,
+    )
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps(result.data, indent=2, ensure_ascii=False) if json_out else result.text)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     from preprocess.pipeline import PreprocessError
     from preprocess.sources import SourceError
