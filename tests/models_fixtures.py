@@ -51,7 +51,7 @@ def tiny_config(family: str, tie: bool = True):
         from transformers import Qwen3VLMoeConfig
 
         return Qwen3VLMoeConfig(
-            text_config=dict(_TEXT, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, num_experts=4,
+            text_config=dict(_TEXT, num_hidden_layers=3, head_dim=16, moe_intermediate_size=24, num_experts=4,
                              num_experts_per_tok=2, mlp_only_layers=[1], decoder_sparse_step=1,
                              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
                                                   mrope_interleaved=True)),
