@@ -397,7 +397,7 @@ def format_sample(d: dict[str, Any], color: bool = False) -> str:
         f"sample {d['key']}  (index {d['index']}, {d['shard']}, source row {d['row']})",
         f"  tokens {d['num_tokens']:,}: image {d['num_image_tokens']:,}, loss {d['num_loss_tokens']:,}; patches {d['num_patches']:,}",
         f"  images {images}",
-        f"  answer {d['answer']!r}",
+        f"  answer {d['answer']}",
         f"--- conversation; {legend} = in the loss (the tokens the model learns to produce) ---",
         "".join(body).rstrip("\n"),
     ]
