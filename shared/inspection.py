@@ -328,7 +328,8 @@ def view_sample(root: str | os.PathLike, key_or_index: str | int, processor: str
     """One sample decoded: its counts, images and the conversation as text/image segments with loss flags."""
     ss = ShardSet(root)
     sample = ss.get(key_or_index)
-    keys = ss.index().column("key").to_pylist()
+    index = ss.index()
+    position = index.column("key").to_pylist().index(sample.key)
     rec = ss.processor
     special = rec.get("special_ids", {})
     merge = int(ss.pixel_spec.merge_size)
@@ -352,8 +353,8 @@ def view_sample(root: str | os.PathLike, key_or_index: str | int, processor: str
     d = {
         "path": str(ss.root),
         "key": sample.key,
-        "index": keys.index(sample.key),
-        "shard": ss.index().column("shard")[keys.index(sample.key)].as_py(),
+        "index": position,
+        "shard": index.column("shard")[position].as_py(),
         "row": meta.get("row"),
         "num_tokens": sample.num_tokens,
         "num_image_tokens": int((sample.input_ids == special.get("image_pad")).sum()),
