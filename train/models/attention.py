@@ -115,7 +115,11 @@ def varlen_attention(
 
 def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     varlen_attn, params = _torch_varlen()
-    kwargs = {"scale": softmax_scale}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = softmax_scale
+    elif abs(softmax_scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("this PyTorch's varlen_attn has no `scale`; set GEO3K_ATTN_BACKEND=sdpa")
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
