@@ -133,7 +133,12 @@ def inspect_(
     """
     from shared import inspection
 
-    progress = (lambda name: print(f"verifying {name}", file=sys.stderr)) if verify and sys.stderr.isatty() else None
+    progress = None
+    if verify and sys.stderr.isatty():  # one self-overwriting line, cleared once the check is done
+
+        def progress(name: str) -> None:
+            print(f"\rverifying {name} …\x1b[K", end="", file=sys.stderr, flush=True)
+
     result = inspection.run(
         path,
         sample=sample,
@@ -145,6 +150,8 @@ def inspect_(
         color=not json_out and inspection.use_color(sys.stdout),
         progress=progress,
     )
+    if progress:
+        print("\r\x1b[K", end="", file=sys.stderr, flush=True)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(json.dumps(result.data, indent=2, ensure_ascii=False) if json_out else result.text)
