@@ -263,7 +263,7 @@ def test_verify_catches_a_flipped_byte(demo_shards, tmp_path):
         assert s.name not in text
 
 
-def test_verify_names_missing_and_stray_shards_and_bad_index(sample_shards, tmp_path):
+def test_verify_names_missing_and_stray_shards(sample_shards, tmp_path):
     bad = tmp_path / "train"
     shutil.copytree(sample_shards, bad)
     shards = sorted(bad.glob("shard-*.tar"))
