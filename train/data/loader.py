@@ -226,7 +226,7 @@ class PackedLoader:
                     micro_batches = []
                     for j in range(sp.num_micro_batches):
                         where, mb = next(it)
-                        assert where == (epoch, sp.step, j), f"work item {where} out of order, expected {(epoch, sp.step, j)}"
+                        assert tuple(where) == (epoch, sp.step, j), f"work item {where} out of order, expected {(epoch, sp.step, j)}"
                         micro_batches.append(mb)
                     # Advance before yielding: a state_dict() taken after this step is consumed points at the next.
                     self._epoch, self._step = (epoch, sp.step + 1) if sp.step + 1 < len(steps) else (epoch + 1, 0)
