@@ -46,6 +46,10 @@ def parse_args():
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     p.add_argument("--num-samples", type=int, default=8, help="samples packed into the micro-batch")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget of the packed micro-batch")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep only this many LLM layers (a CPU run of a real preset's config path)")
+    p.add_argument("--vision-depth", type=int, default=None,
+                   help="keep only this many ViT layers (deepstack moves to the first ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="write the report here as well")
     return p.parse_args()
@@ -276,6 +280,13 @@ def main():
     init_parallel(device)
     torch.manual_seed(args.seed)
     cfg = tiny_config() if args.tiny else load_hf_config(args.preset)
+    if args.num_layers:
+        cfg.text_config.num_hidden_layers = args.num_layers
+    if args.vision_depth:
+        vc = cfg.vision_config
+        vc.depth = args.vision_depth
+        if getattr(vc, "deepstack_visual_indexes", None):
+            vc.deepstack_visual_indexes = list(range(min(len(vc.deepstack_visual_indexes), args.vision_depth)))
     dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtypes.split(",")]
 
     lines = ["# Megatron-Core Qwen-VL vs transformers",

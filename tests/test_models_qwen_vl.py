@@ -114,7 +114,8 @@ def test_loss_matches_cross_entropy_and_images_reach_it(pair):
 
 
 def test_export_roundtrip_bit_exact(pair, tmp_path):
-    """HF -> Megatron -> HF: every tensor equal bit for bit; transformers loads the export."""
+    """HF -> Megatron -> HF: every tensor equal bit for bit; transformers loads the export and gives
+    the same logits."""
     from train.models import convert
 
     family, hf, model, ckpt = pair
@@ -130,4 +131,6 @@ def test_export_roundtrip_bit_exact(pair, tmp_path):
         reloaded = fx.hf_model_class(family).from_pretrained(out_dir, dtype=torch.float32).eval()
     sample = _samples()[1]
     pos = fx.rope_positions(hf, sample)
-    assert torch.equal(fx.hf_logits(reloaded, sample, pos), fx.hf_logits(hf, sample, pos))
+    # Same weights; the kernels may differ with thread count or the attention path chosen at load.
+    diff = (fx.hf_logits(reloaded, sample, pos) - fx.hf_logits(hf, sample, pos)).abs().max().item()
+    assert diff <= 1e-5

@@ -18,14 +18,24 @@ ARCHITECTURES = {
 
 
 def load_hf_config(name_or_path: str):
-    """A transformers config from a preset name, a hub id or a checkpoint directory."""
+    """A transformers config from a checkpoint directory, a preset name or a hub id."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
-    from shared.presets import PRESET_DIR, resolve_preset
-
-    preset = resolve_preset(name_or_path)
-    if preset is not None and not Path(name_or_path).is_dir():
+    if Path(name_or_path).is_dir():
+        return AutoConfig.from_pretrained(name_or_path)
+    # Preset folders are read directly: shared.presets pulls in the data stack (zstandard, ...), which
+    # a GPU-only environment need not have.
+    preset_dir = Path(__file__).resolve().parents[2] / "shared" / "presets" / name_or_path
+    if (preset_dir / "config.json").exists():
+        return AutoConfig.from_pretrained(str(preset_dir))
+    try:
+        from shared.presets import PRESET_DIR, resolve_preset
+    except ImportError:
+        preset = None
+    else:
+        preset = resolve_preset(name_or_path)
+    if preset is not None:
         return AutoConfig.from_pretrained(str(PRESET_DIR / preset))
     return AutoConfig.from_pretrained(name_or_path)
