@@ -3,9 +3,10 @@
     # on a GPU machine (megatron-core installed), the Qwen3-VL-2B architecture with random weights:
     python bench/validate_megatron_gpu.py --log docs/validation/megatron-gpu.log
     # CPU smoke test with a tiny config (run this before spending GPU time):
-    python bench/validate_megatron_gpu.py --tiny
+    python bench/validate_megatron_gpu.py --tiny --variants fp32,bf16
 
-What it does, per dtype (bf16, and fp32 to separate rounding from real differences):
+What it does, per variant (fp32; bf16 with the fastest attention kernel; bf16 with the per-sample SDPA
+kernel that transformers also uses, to separate the kernel's rounding from the rest):
 1. Random weights for the preset's architecture in transformers, saved with `save_pretrained` (bf16,
    like the published checkpoints) and loaded back with `from_pretrained`.
 2. The same checkpoint imported into the Megatron model (train.models.convert).
@@ -13,7 +14,8 @@ What it does, per dtype (bf16, and fp32 to separate rounding from real differenc
    M-RoPE positions from transformers' `get_rope_index` per sample) through the Megatron model;
    each sample alone through transformers (SDPA).
 4. Logits relative error ||a - b|| / ||b|| per sample and overall, max |diff|, the per-token loss's
-   relative error, and a backward pass (finite gradient norm). Pass: relative error <= 1e-2 (bf16).
+   relative error, and a backward pass (finite gradient norm). Pass: relative error <= 1e-2 (bf16),
+   1e-4 (fp32). bf16 rows also give the noise floor: transformers bf16 vs transformers fp32.
 
 Prints a table and writes it to --log.
 """
@@ -43,7 +45,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen3-vl-2b", help="preset name or checkpoint directory (architecture only)")
     p.add_argument("--tiny", action="store_true", help="tiny random config on CPU: a smoke test of this script")
-    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    p.add_argument("--variants", default="fp32,bf16,bf16:sdpa",
+                   help="comma-separated runs: fp32, bf16, or bf16:<backend> to force an attention backend "
+                        "(flash_attn, torch_varlen, sdpa); fp32 first gives the bf16 runs their noise floor")
     p.add_argument("--num-samples", type=int, default=8, help="samples packed into the micro-batch")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget of the packed micro-batch")
     p.add_argument("--num-layers", type=int, default=None,
@@ -152,18 +156,26 @@ def rel(a, b):
     return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
-def run_dtype(cfg, ckpt, samples, dtype, device, lines):
-    from transformers import Qwen3VLForConditionalGeneration
+def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
+    """One comparison. variant: "fp32", "bf16" or "bf16:<attention backend>".
+
+    `truth` holds transformers' fp32 logits (set by the fp32 variant, which runs first): bf16 rows
+    also report both models' distance to it, i.e. how far bf16 itself moves the reference.
+    """
+    import transformers
 
     from train.models import convert
     from train.models.attention import select_backend
     from train.models.qwen_vl import build_model
 
-    hf_cls = {"qwen3_vl": Qwen3VLForConditionalGeneration}.get(cfg.model_type)
-    if hf_cls is None:
-        import transformers
-
-        hf_cls = getattr(transformers, cfg.architectures[0])
+    dtype_name, _, backend = variant.partition(":")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    if backend:
+        os.environ["GEO3K_ATTN_BACKEND"] = backend
+    else:
+        os.environ.pop("GEO3K_ATTN_BACKEND", None)
+    hf_cls = getattr(transformers, cfg.architectures[0]) if getattr(cfg, "architectures", None) else \
+        transformers.AutoModelForImageTextToText
     t0 = time.time()
     hf = hf_cls.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     positions = [rope_positions(hf, s) for s in samples]
@@ -202,9 +214,9 @@ def run_dtype(cfg, ckpt, samples, dtype, device, lines):
     ref_loss = torch.nn.functional.cross_entropy(ref.float(), labels, ignore_index=-100, reduction="none")
 
     cu = batch["cu_seqlens"].tolist()
-    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    lines.append(f"\n## {name}  (attention backend: {backend}; load {load_s:.1f} s; "
+    lines.append(f"\n## {variant}  (attention backend: {backend}; load {load_s:.1f} s; "
                  f"forward: megatron packed {mg_s * 1e3:.0f} ms, transformers per sample {hf_s * 1e3:.0f} ms)")
+    lines.append("rel err = ||megatron - transformers|| / ||transformers||, logits of the same dtype")
     lines.append(f"{'sample':>6} {'tokens':>6} {'img px':>9} {'img tok':>7} {'rel err':>9} {'max|diff|':>9}")
     for i, s in enumerate(samples):
         a, b = mg_logits[cu[i]:cu[i + 1]], ref[cu[i]:cu[i + 1]]
@@ -215,12 +227,19 @@ def run_dtype(cfg, ckpt, samples, dtype, device, lines):
     loss_rel = rel(mg_loss, ref_loss)
     lines.append(f"{'all':>6} {len(ids):>6} {'':>9} {'':>7} {overall:>9.2e} "
                  f"{(mg_logits.float() - ref.float()).abs().max().item():>9.2e}")
-    lines.append(f"per-token loss rel err {loss_rel:.2e}; mean loss megatron {mg_loss.sum().item() / (labels != -100).sum().item():.4f} "
-                 f"vs transformers {ref_loss.sum().item() / (labels != -100).sum().item():.4f}")
+    n_loss = (labels != -100).sum().item()
+    lines.append(f"per-token loss rel err {loss_rel:.2e}; mean loss megatron {mg_loss.sum().item() / n_loss:.4f} "
+                 f"vs transformers {ref_loss.sum().item() / n_loss:.4f}")
+    if dtype == torch.float32 and "fp32" not in truth:
+        truth["fp32"] = ref.float().cpu()
+    elif "fp32" in truth:
+        t = truth["fp32"]
+        lines.append(f"noise floor: transformers {dtype_name} vs transformers fp32 {rel(ref.cpu(), t):.2e}; "
+                     f"megatron {dtype_name} vs transformers fp32 {rel(mg_logits.cpu(), t):.2e}")
 
     # backward: gradients exist and are finite all the way into the vision tower
     mg.train()
-    loss = mg(**batch, labels=labels).sum() / (labels != -100).sum()
+    loss = mg(**batch, labels=labels).sum() / n_loss
     loss.backward()
     norms = [p.grad.float().norm() for p in mg.parameters() if p.grad is not None]
     grad_norm = torch.stack(norms).norm().item()
@@ -229,9 +248,11 @@ def run_dtype(cfg, ckpt, samples, dtype, device, lines):
     lines.append(f"backward: grad norm {grad_norm:.3e} over {len(norms)} tensors, vision grads {'yes' if ok_grad else 'NO'}")
     if device.type == "cuda":
         lines.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        torch.cuda.reset_peak_memory_stats()
     passed = overall <= TOLERANCE[dtype] and loss_rel <= TOLERANCE[dtype] and ok_grad
     lines.append(f"{'PASS' if passed else 'FAIL'}: logits rel err {overall:.2e} <= {TOLERANCE[dtype]:.0e}")
-    del hf, mg
+    del hf, mg, ref, mg_logits
+    os.environ.pop("GEO3K_ATTN_BACKEND", None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return passed
@@ -287,7 +308,7 @@ def main():
         vc.depth = args.vision_depth
         if getattr(vc, "deepstack_visual_indexes", None):
             vc.deepstack_visual_indexes = list(range(min(len(vc.deepstack_visual_indexes), args.vision_depth)))
-    dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtypes.split(",")]
+    variants = args.variants.split(",")
 
     lines = ["# Megatron-Core Qwen-VL vs transformers",
              f"command: python {' '.join(sys.argv)}",
@@ -310,21 +331,13 @@ def main():
         hf.save_pretrained(tmp)
         del hf
         lines.append(f"random checkpoint written in {time.time() - t0:.1f} s")
-        results = []
-        for dt in dtypes:
+        results, truth = [], {}
+        for variant in variants:
             try:
-                results.append(run_dtype(cfg, tmp, samples, dt, device, lines))
+                results.append(run_variant(cfg, tmp, samples, variant, device, lines, truth))
             except Exception:  # report and go on: one GPU call has to tell as much as it can
-                lines.append(f"\n## {dt}: FAILED with\n{traceback.format_exc()}")
+                lines.append(f"\n## {variant}: FAILED with\n{traceback.format_exc()}")
                 results.append(False)
-                if dt != torch.float32 and not os.environ.get("GEO3K_ATTN_BACKEND"):
-                    os.environ["GEO3K_ATTN_BACKEND"] = "sdpa"
-                    lines.append("retrying with GEO3K_ATTN_BACKEND=sdpa")
-                    try:
-                        run_dtype(cfg, tmp, samples, dt, device, lines)
-                    except Exception:
-                        lines.append(traceback.format_exc())
-                    del os.environ["GEO3K_ATTN_BACKEND"]
 
     report = "\n".join(lines)
     print(report)

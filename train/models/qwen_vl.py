@@ -4,8 +4,9 @@ Structure (one class per concern, no Transformer Engine):
 
 - `VisionTower` (vision.py): transformers' vision module, replicated on tensor-parallel ranks.
 - `QwenVLLanguageModel`: Megatron-Core's `GPTModel` built from the *local* layer spec, with
-  `VarlenCoreAttention` as core attention (packed sequences) and `QwenMRoPE` as rotary embedding
-  (Qwen3-VL's interleaved sections are not in Megatron-Core). GQA, RMSNorm, SwiGLU, QK-norm (Qwen3) or
+  `VarlenCoreAttention` as core attention (packed sequences), `QwenMRoPE` as rotary embedding
+  (Qwen3-VL's interleaved sections are not in Megatron-Core) and `QwenRMSNorm` (the reference's
+  bf16 rounding, and sequence parallelism, which the local spec's torch norm refuses). GQA, RMSNorm, SwiGLU, QK-norm (Qwen3) or
   QKV bias (Qwen2.5), tied embeddings and MoE come from Megatron-Core's own layers.
 - Deepstack (Qwen3-VL): features of intermediate ViT layers are added to the hidden states after the
   first LLM layers at image positions. They travel through `TransformerBlock` as its `context` tensor,
@@ -153,6 +154,31 @@ class DeepstackTransformerLayer(TransformerLayer):
         return output, context
 
 
+class QwenRMSNorm(torch.nn.Module):
+    """RMSNorm with the rounding of transformers' Qwen models: normalise in float32, cast back to the
+    input dtype, then scale by the weight in that dtype.
+
+    Megatron's local spec uses `torch.nn.RMSNorm`, whose fused CUDA kernel scales before the single
+    final rounding; in bf16 that differs from the reference by about an ulp at every norm, which 28
+    layers of a random model amplify. It also refuses sequence parallelism; this one supports it (the
+    weight is marked `sequence_parallel`, so Megatron all-reduces its gradient across TP ranks).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **kwargs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
 class LocalTopKRouter(TopKRouter):
     """Megatron-Core's top-k router with a plain-PyTorch gating matmul.
 
@@ -176,9 +202,16 @@ def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = Non
     block = get_gpt_decoder_block_spec(
         tf_config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
+    block.layer_norm = QwenRMSNorm
     for spec in block.layer_specs:
         spec.module = DeepstackTransformerLayer
-        spec.submodules.self_attention.submodules.core_attention = VarlenCoreAttention
+        spec.submodules.input_layernorm = QwenRMSNorm
+        spec.submodules.pre_mlp_layernorm = QwenRMSNorm
+        attn = spec.submodules.self_attention.submodules
+        attn.core_attention = VarlenCoreAttention
+        if tf_config.qk_layernorm:
+            attn.q_layernorm = QwenRMSNorm
+            attn.k_layernorm = QwenRMSNorm
         mlp = spec.submodules.mlp
         if hasattr(getattr(mlp, "submodules", None), "router"):
             mlp.submodules.router = LocalTopKRouter
