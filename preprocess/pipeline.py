@@ -29,6 +29,7 @@ from preprocess.samples import make_sample
 from preprocess.sources import Source, open_source, row_fields
 from preprocess.writer import ShardWriter
 from shared.config import PipelineConfig, to_dict
+from shared.errors import UserError
 from shared.manifest import INDEX, MANIFEST, REJECTS, atomic_write_bytes, shard_name, write_index
 from shared.presets import load_processor
 from shared.schema import FORMAT_VERSION
@@ -37,7 +38,7 @@ PARTS = ".parts"
 GEO3K_VERSION = "0.1.0"
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError, RuntimeError):
     pass
 
 

@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.config import SourceConfig
+from shared.errors import UserError
 from shared.manifest import sha256_file
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     pass
 
 

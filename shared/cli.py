@@ -159,17 +159,76 @@ def inspect_(
         raise typer.Exit(1)
 
 
-def main() -> None:
-    from preprocess.pipeline import PreprocessError
-    from preprocess.sources import SourceError
-    from shared.config import ConfigError
-    from shared.manifest import ShardSetError
-    from shared.presets import PresetError
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.output_dir.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node; >1 relaunches under torchrun.")] = 1,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="megatron (default) or fsdp.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train on preprocessed shards (never re-tokenizes).
 
-    user_errors = (ConfigError, PreprocessError, SourceError, ShardSetError, PresetError)
+    Examples:
+
+      geo3k train
+
+      geo3k train -c demo_data/pipeline.yaml --set train.random_init=true --set train.global_batch_size=32
+
+      geo3k train --nproc 8 --set train.tensor_parallel=4 --set train.sequence_parallel=true
+
+      geo3k train --resume
+
+    Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
+    -m shared.cli train ...` on each node.
+    """
+    overrides = list(set_ or [])
+    if backend:
+        overrides.append(f"train.backend={backend}")
+    cfg, _ = _config(config, overrides)
+    if nproc > 1 and "RANK" not in os.environ:
+        from train.trainer import launch_with_torchrun
+
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+        if "--nproc" in sys.argv:  # "--nproc N" as two words
+            i = sys.argv.index("--nproc")
+            argv = sys.argv[1:i] + sys.argv[i + 2 :]
+        launch_with_torchrun(nproc, argv)
+    if cfg.train.backend == "fsdp":
+        from train.trainer_fsdp import run_training
+    else:
+        from train.trainer import run_training
+
+    result = run_training(cfg, resume=resume)
+    if json_out and int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (runs/x/checkpoints/step-N) or a run folder (its latest).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the Hugging Face model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Export a training checkpoint as a Hugging Face model folder (safetensors, config, processor).
+
+    Example:
+
+      geo3k export runs/geo3k --out exported/geo3k-qwen3-vl-2b
+    """
+    from train.trainer import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, dtype=dtype)
+    print(f"exported {path}; load it with transformers' AutoModelForImageTextToText.from_pretrained({str(path)!r})")
+
+
+def main() -> None:
+    from shared.errors import UserError
+
     try:
         app()
-    except user_errors as e:
+    except UserError as e:
         if os.environ.get("GEO3K_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -17,8 +17,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from shared.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
@@ -159,6 +161,82 @@ class ShardConfig:
 
 
 @dataclass
+class TrainConfig:
+    """`geo3k train`: the recipe of the original Geo3K SFT example, every knob here."""
+
+    backend: str = "megatron"
+    """Training engine: megatron (Megatron-Core, default) or fsdp (PyTorch FSDP2 on the transformers model)."""
+    shards: str | None = None
+    """Training shard set (a split folder); default <shards.output_dir>/<dataset>/train."""
+    eval_shards: str | None = None
+    """Eval shard set; default <shards.output_dir>/<dataset>/test (skipped if absent)."""
+    random_init: bool = False
+    """Start from random weights of model.name_or_path's architecture (benchmarks, demos) instead of its checkpoint."""
+    output_dir: str = "runs/geo3k"
+    """Checkpoints, metrics.jsonl, TensorBoard events and the loss curve go here."""
+    global_batch_size: int = 128
+    """Samples per optimizer step, across all data-parallel ranks."""
+    max_tokens_per_gpu: int = 4096
+    """Token budget of one packed micro-batch."""
+    max_patches_per_micro_batch: int | None = None
+    """Optional cap on vision patches per micro-batch (bounds the vision encoder's memory)."""
+    epochs: int = 3
+    train_iters: int | None = None
+    """Stop after this many optimizer steps (default: all steps of `epochs`); the schedule spans them."""
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.1
+    """Linear warmup over this fraction of the steps, then cosine decay to min_lr."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = True
+    """bf16 weights and activations with fp32 master weights in the optimizer; false trains in fp32."""
+    recompute: str = "none"
+    """Activation recomputation: none, selective (attention core) or full (every layer)."""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in tensor-parallel regions (needs tensor_parallel > 1)."""
+    seed: int = 1234
+    save_interval: int = 100
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    eval_interval: int = 100
+    """Evaluate every N steps (and at the end); 0 evaluates only at the end."""
+    eval_samples: int = 64
+    """Test problems answered by greedy generation for the accuracy metric (0: loss only)."""
+    eval_max_new_tokens: int = 64
+    log_interval: int = 1
+    num_workers: int = 2
+    """Background loader processes per rank."""
+    wandb_project: str | None = None
+    """Weights & Biases project, used only when WANDB_API_KEY is set."""
+
+    def validate(self, path: str = "train") -> "TrainConfig":
+        _check(self.backend in ("megatron", "fsdp"), f"{path}.backend", "must be megatron or fsdp")
+        _check(self.global_batch_size >= 1, f"{path}.global_batch_size", "must be at least 1")
+        _check(self.max_tokens_per_gpu >= 64, f"{path}.max_tokens_per_gpu", "must be at least 64")
+        _check(self.epochs >= 1, f"{path}.epochs", "must be at least 1")
+        _check(self.train_iters is None or self.train_iters >= 1, f"{path}.train_iters", "must be >= 1 or null")
+        _check(0 < self.min_lr <= self.lr, f"{path}.min_lr", "must be > 0 and <= train.lr")
+        _check(0 <= self.warmup_fraction < 1, f"{path}.warmup_fraction", "must be in [0, 1)")
+        _check(self.recompute in ("none", "selective", "full"), f"{path}.recompute", "must be none, selective or full")
+        _check(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1, f"{path}.tensor_parallel", "sizes must be >= 1")
+        _check(
+            not self.sequence_parallel or self.tensor_parallel > 1,
+            f"{path}.sequence_parallel",
+            "needs train.tensor_parallel > 1 (or set it to false)",
+        )
+        _check(self.clip_grad >= 0, f"{path}.clip_grad", "must be >= 0 (0 disables clipping)")
+        _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+        for name in ("save_interval", "eval_interval", "eval_samples", "log_interval"):
+            _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        return self
+
+
+@dataclass
 class PipelineConfig:
     """The root of pipeline.yaml."""
 
@@ -168,8 +246,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
-    train: dict[str, Any] = field(default_factory=dict)
-    """Training options (read by the train stage's own config class)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "PipelineConfig":
         _check(
@@ -181,7 +258,14 @@ class PipelineConfig:
         self.model.validate()
         self.preprocess.validate()
         self.shards.validate()
+        self.train.validate()
         return self
+
+    def train_shards(self) -> Path:
+        return Path(self.train.shards) if self.train.shards else self.split_dir("train")
+
+    def eval_shards(self) -> Path:
+        return Path(self.train.eval_shards) if self.train.eval_shards else self.split_dir("test")
 
     def split_dir(self, split: str) -> Path:
         return Path(self.shards.output_dir) / self.dataset / split

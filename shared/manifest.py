@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.errors import UserError
 from shared.schema import FORMAT_VERSION, PixelSpec, Sample, decode_sample
 
 MANIFEST = "manifest.json"
@@ -42,7 +43,7 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-class ShardSetError(RuntimeError):
+class ShardSetError(UserError, RuntimeError):
     """A folder that is not a (complete, readable) shard set; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
 from shared.schema import PixelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -39,7 +40,7 @@ PRESET_BY_HUB_ID = {v.lower(): k for k, v in HUB_IDS.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     pass
 
 
@@ -208,7 +209,7 @@ def _load(name_or_path: str, min_pixels: int | None, max_pixels: int | None) -> 
     )
     identity = {
         # a preset and its hub id make the same processor, so they record (and fingerprint) the same
-        "name_or_path": HUB_IDS[preset] if preset else name_or_path,
+        "name_or_path": HUB_IDS.get(preset, preset) if preset else name_or_path,
         "preset": preset,
         "processor_class": type(processor).__name__,
         "image_processor": settings,

@@ -1,0 +1,126 @@
+"""`geo3k train` end to end on CPU: demo shards -> 20 steps -> checkpoint -> resume -> export -> transformers.
+
+The tiny preset (tiny-qwen3-vl: 2 layers, hidden 64, the real vocabulary and image geometry) trains on the
+demo shards made with the Qwen3-VL-2B processor. Runs go through the real CLI in subprocesses (gloo, one
+process), so each starts and ends its own process group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+STEPS = 20
+
+
+def geo3k(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"geo3k {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def train_args(demo_shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "-c", str(REPO / "examples" / "tiny-cpu.yaml"),
+        "--set", f"train.shards={demo_shards / 'train'}",
+        "--set", f"train.eval_shards={demo_shards / 'test'}",
+        "--set", f"train.output_dir={out}",
+        "--set", "train.global_batch_size=4",
+        "--set", f"train.train_iters={STEPS}",
+        "--set", "train.eval_samples=2",
+        *extra,
+    ]
+
+
+def losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    proc = geo3k(*train_args(demo_shards, out), cwd=out.parent)
+    assert f"step {STEPS}/{STEPS}" in proc.stdout and "eval @ step 20" in proc.stdout
+    return out
+
+
+def test_loss_goes_down_and_checkpoints_are_written(full_run):
+    l = losses(full_run)
+    assert sorted(l) == list(range(1, STEPS + 1))
+    assert np.mean([l[s] for s in range(16, 21)]) < np.mean([l[s] for s in range(1, 6)]) - 0.5
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-0000010", "step-0000020"]
+    assert (full_run / "checkpoints" / "latest").read_text() == "step-0000020"
+    assert (full_run / "loss.png").stat().st_size > 1000
+    evals = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [10, 20] and all(np.isfinite(e["loss"]) for e in evals)
+
+
+def test_resume_continues_exactly(full_run, demo_shards, tmp_path):
+    # a run "killed" right after step 10: its output folder holds what the full run had at that point
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "step-0000010", run / "checkpoints" / "step-0000010")
+    (run / "checkpoints" / "latest").write_text("step-0000010")
+    proc = geo3k(*train_args(demo_shards, run), "--resume", cwd=tmp_path)
+    assert "resumed from" in proc.stdout
+    a, b = losses(full_run), losses(run)
+    assert sorted(b) == list(range(11, STEPS + 1))
+    for s in range(11, STEPS + 1):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+def test_export_loads_in_transformers_with_the_same_logits(full_run, demo_shards, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from shared.manifest import ShardSet
+    from tests.megatron_cpu import init_megatron_cpu
+    from train.data import PackingSpec, pack_samples
+    from train.engine_megatron import merged_model_state
+    from train.models import load_hf_config
+    from train.models.convert import load_megatron_state
+    from train.models.qwen_vl import build_model
+
+    out = tmp_path / "hf"
+    geo3k("export", str(full_run), "--out", str(out), "--dtype", "float32", cwd=tmp_path)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+
+    hf = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    ss = ShardSet(demo_shards / "test")
+    sample = next(ss.iter_samples())
+    mb = pack_samples([sample], PackingSpec.from_processor_identity(ss.processor))
+    kwargs = {}
+    if "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters:  # transformers >= 5.2x
+        kwargs["mm_token_type_ids"] = (mb.input_ids == hf.config.image_token_id).int()[None]
+    with torch.no_grad():
+        ref = hf(
+            input_ids=mb.input_ids[None],
+            pixel_values=mb.pixel_values,
+            image_grid_thw=mb.image_grid_thw,
+            attention_mask=torch.ones_like(mb.input_ids)[None],
+            **kwargs,
+        ).logits[0]
+
+    init_megatron_cpu()
+    ckpt = full_run / "checkpoints" / "step-0000020"
+    hf_config = load_hf_config(str(out))
+    model = build_model(hf_config, use_cpu_initialization=True, perform_initialization=False)
+    load_megatron_state(model, merged_model_state(ckpt, hf_config))
+    with torch.no_grad():
+        ours = model.eval()(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.pixel_values, mb.image_grid_thw)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4

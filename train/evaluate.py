@@ -1,0 +1,110 @@
+"""Evaluation on the test shards: mean per-token loss, and answer accuracy by greedy generation.
+
+Generation needs no KV cache to be correct, only to be fast: each new token re-runs the packed prompts
+(several problems per forward, within the token budget), which for Geo3K's ~300-token prompts and short
+answers costs a few seconds per eval. Problems are split over data-parallel ranks; tensor-parallel ranks
+run the same problems together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shared.manifest import ShardSet
+from shared.schema import Sample
+from train.answers import is_correct
+from train.data import DataConfig, PackingSpec, build_loader, pack_samples
+
+
+def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> dict[str, float]:
+    """Per-token loss over every sample of the eval set, once."""
+    ss = ShardSet(shard_dir)
+    cfg = replace(spec_cfg, global_batch_size=ss.num_samples, drop_last=False, num_epochs=1, num_workers=0)
+    loader = build_loader(shard_dir, cfg, world.dp_rank, world.dp)
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    for step in loader:
+        for mb in step.micro_batches:
+            if mb.num_real_tokens == 0:
+                continue
+            mb = mb.to(world.device, pixel_dtype=pixel_dtype)
+            total[0] += engine.eval_loss(mb).double()
+        total[1] += step.num_loss_tokens / world.dp  # every rank knows the global count
+    _dp_sum(total, world)
+    return {"loss": float(total[0] / max(total[1], 1.0)), "samples": ss.num_samples}
+
+
+def _dp_sum(t: torch.Tensor, world) -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and world.dp > 1:
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+
+
+def prompt_of(sample: Sample) -> Sample:
+    """The sample cut before its answer: what the model sees at generation time."""
+    start = int(np.flatnonzero(sample.loss_mask)[0])
+    ids = sample.input_ids[:start]
+    return replace(sample, input_ids=ids, loss_mask=np.zeros_like(ids, dtype=np.uint8))
+
+
+@torch.no_grad()
+def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int, device, pixel_dtype) -> list[list[int]]:
+    """Greedy continuation of each prompt until `stop_id` or max_new_tokens."""
+    out: list[list[int]] = [[] for _ in prompts]
+    # groups of prompts that fit the token budget with their answers
+    groups, cur, used = [], [], 0
+    for i, p in enumerate(prompts):
+        need = p.num_tokens + max_new_tokens
+        if cur and used + need > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += need
+    if cur:
+        groups.append(cur)
+    for group in groups:
+        live = list(group)
+        for _ in range(max_new_tokens):
+            if not live:
+                break
+            batch = [replace(prompts[i], input_ids=np.concatenate([prompts[i].input_ids, np.asarray(out[i], np.int32)]).astype(np.int32),
+                             loss_mask=np.zeros(prompts[i].num_tokens + len(out[i]), np.uint8)) for i in live]
+            mb = pack_samples(batch, spec).to(device, pixel_dtype=pixel_dtype)
+            logits = engine.logits(mb)
+            last = mb.cu_seqlens[1 : len(live) + 1].long() - 1
+            nxt = logits[last].float().argmax(dim=-1).tolist()
+            still = []
+            for i, t in zip(live, nxt):
+                out[i].append(int(t))
+                if t != stop_id and len(out[i]) < max_new_tokens:
+                    still.append(i)
+            live = still
+    return out
+
+
+def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int, max_new_tokens: int, budget: int, tokenizer, stop_id: int, pixel_dtype) -> dict[str, Any]:
+    ss = ShardSet(shard_dir)
+    samples = []
+    for i, s in enumerate(ss.iter_samples()):
+        if i >= num_samples:
+            break
+        if i % world.dp == world.dp_rank:
+            samples.append(s)
+    prompts = [prompt_of(s) for s in samples]
+    gens = generate_greedy(engine, prompts, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, device=world.device, pixel_dtype=pixel_dtype)
+    correct = 0
+    examples = []
+    for s, g in zip(samples, gens):
+        text = tokenizer.decode(g, skip_special_tokens=True) if tokenizer is not None else ""
+        ok = is_correct(text, s.meta["answer"])
+        correct += ok
+        if len(examples) < 3:
+            examples.append({"key": s.key, "answer": s.meta["answer"], "generated": text, "correct": ok})
+    t = torch.tensor([correct, len(samples)], dtype=torch.float64, device=world.device)
+    _dp_sum(t, world)
+    return {"accuracy": float(t[0] / max(t[1], 1)), "answered": int(t[1]), "examples": examples}

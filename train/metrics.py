@@ -1,0 +1,110 @@
+"""Where training feedback goes: a live line, metrics.jsonl, TensorBoard, Weights & Biases, a loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 only; other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir: Path, enabled: bool, *, wandb_project: str | None, config: dict[str, Any], resume: bool):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.history: list[dict[str, Any]] = []
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "metrics.jsonl"
+        if resume and path.exists():
+            self.history = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        self.jsonl = open(path, "a" if resume else "w", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but a stripped install still trains
+            self.tb = None
+        if os.environ.get("WANDB_API_KEY"):
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=wandb_project or "geo3k", config=config, resume="allow", dir=str(out_dir))
+            except ImportError:
+                print("note: WANDB_API_KEY is set but wandb is not installed (pip install wandb); not logging to W&B")
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": step, "time": time.time(), **values}
+        self.history.append(rec)
+        self.jsonl.write(json.dumps(rec) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and v is not None:
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    @staticmethod
+    def line(step: int, total: int, v: dict[str, Any], eta_s: float) -> str:
+        parts = [
+            f"step {step}/{total}",
+            f"loss {v['loss']:.4f}",
+            f"lr {v['lr']:.2e}",
+            f"grad {v['grad_norm']:.3f}",
+            f"{v['tokens_per_s']:,.0f} tok/s",
+        ]
+        if v.get("mfu") is not None:
+            parts.append(f"MFU {100 * v['mfu']:.1f}%")
+        if v.get("peak_mem_gib") is not None:
+            parts.append(f"mem {v['peak_mem_gib']:.1f} GiB")
+        parts.append(f"{v['step_s']:.2f} s/step")
+        parts.append(f"ETA {_fmt_duration(eta_s)}")
+        return " | ".join(parts)
+
+    def plot_loss(self) -> Path | None:
+        if not self.enabled:
+            return None
+        train = [(r["step"], r["loss"]) for r in self.history if r["kind"] == "train"]
+        evals = [(r["step"], r["loss"]) for r in self.history if r["kind"] == "eval" and r.get("loss") is not None]
+        if not train:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(*zip(*train), label="train loss (per token)")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.out_dir / "loss.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,375 @@
+"""`geo3k train`: shards in, a trained Hugging Face checkpoint out.
+
+    load config -> start processes -> check shards fit the model -> build engine + loader
+    -> [resume] -> loop: step, log, eval every N, checkpoint every N -> final eval, checkpoint, loss curve
+
+Only the shards are read (never the raw data or the processor's image code): rerunning training never
+re-tokenizes. The tokenizer is loaded only to print generated answers at eval time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shared.config import PipelineConfig
+from shared.errors import UserError
+from shared.manifest import ShardSet
+from train.data import DataConfig, PackingSpec, build_loader
+from train.distributed import World, barrier, destroy, init_distributed
+from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
+from train.flops import StepFlops, measure_peak_tflops
+from train.metrics import MetricsLogger
+
+
+class TrainError(UserError, RuntimeError):
+    """A problem the user can fix (bad shards for this model, nothing to resume, a NaN)."""
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_shards_fit_model(processor: dict[str, Any], hf_config, where: Path) -> None:
+    """Refuse shards tokenized for another model: vocabulary, image token ids, patch geometry."""
+    ids, spec = processor["special_ids"], processor["pixel_spec"]
+    v = hf_config.vision_config
+    problems = []
+    if ids["image_pad"] != hf_config.image_token_id:
+        problems.append(f"image token id {ids['image_pad']} (shards) vs {hf_config.image_token_id} (model)")
+    if ids["vision_start"] != getattr(hf_config, "vision_start_token_id", ids["vision_start"]):
+        problems.append(f"vision start id {ids['vision_start']} vs {hf_config.vision_start_token_id}")
+    if processor["vocab_size"] > hf_config.text_config.vocab_size:
+        problems.append(f"tokenizer vocabulary {processor['vocab_size']} > model vocabulary {hf_config.text_config.vocab_size}")
+    for name in ("patch_size", "temporal_patch_size"):
+        if spec[name] != getattr(v, name):
+            problems.append(f"{name} {spec[name]} (shards) vs {getattr(v, name)} (model)")
+    if spec["merge_size"] != v.spatial_merge_size:
+        problems.append(f"merge size {spec['merge_size']} (shards) vs {v.spatial_merge_size} (model)")
+    if problems:
+        raise TrainError(
+            f"the shards in {where} were made for another model ({processor.get('name_or_path')}): "
+            + "; ".join(problems)
+            + ". Preprocess again with --set model.name_or_path=<this model>, or train the model they were made for"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    marker = out_dir / "checkpoints" / "latest"
+    if marker.exists():
+        path = out_dir / "checkpoints" / marker.read_text().strip()
+        if (path / "trainer_state.json").exists():
+            return path
+    return None
+
+
+def _weights_source(cfg: PipelineConfig) -> str | None:
+    if cfg.train.random_init:
+        return None
+    from shared.presets import HUB_IDS, resolve_preset
+
+    name = cfg.model.name_or_path
+    if Path(name).is_dir():
+        return name
+    preset = resolve_preset(name)
+    return HUB_IDS.get(preset, name) if preset else name
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: PipelineConfig, *, resume: bool = False):
+        from train.models import load_hf_config
+
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.pipeline_parallel > 1:
+            raise TrainError("train.pipeline_parallel > 1 is not supported yet: use tensor and data parallelism")
+        self.world: World = init_distributed(tc.tensor_parallel, tc.pipeline_parallel)
+        self.out_dir = Path(tc.output_dir)
+        self.train_dir = cfg.train_shards()
+        shard_set = ShardSet(self.train_dir)
+        self.fingerprint = shard_set.fingerprint
+        self.hf_config = load_hf_config(cfg.model.name_or_path)
+        check_shards_fit_model(shard_set.processor, self.hf_config, self.train_dir)
+        self.eval_dir = cfg.eval_shards() if (cfg.eval_shards() / "manifest.json").exists() else None
+        if self.eval_dir is not None:
+            check_shards_fit_model(ShardSet(self.eval_dir).processor, self.hf_config, self.eval_dir)
+
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        self.engine = MegatronEngine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
+        self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
+        self.data_cfg = DataConfig(
+            max_tokens_per_gpu=tc.max_tokens_per_gpu,
+            max_patches_per_gpu=tc.max_patches_per_micro_batch,
+            pad_to_multiple_of=tc.tensor_parallel if tc.sequence_parallel else 1,
+            global_batch_size=tc.global_batch_size,
+            num_epochs=tc.epochs,
+            seed=tc.seed,
+            num_workers=tc.num_workers,
+        )
+        self.loader = build_loader(self.train_dir, self.data_cfg, self.world.dp_rank, self.world.dp)
+        self.total_steps = self.loader.total_steps if tc.train_iters is None else min(tc.train_iters, self.loader.total_steps)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if resume:
+            ckpt = latest_checkpoint(self.out_dir)
+            if ckpt is None:
+                raise TrainError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; start without --resume")
+            self._load(ckpt)
+        self.flops = StepFlops.from_hf_config(self.hf_config)
+        self.peak_tflops = measure_peak_tflops(self.world.device)
+        self.logger = MetricsLogger(
+            self.out_dir, self.world.is_main, wandb_project=tc.wandb_project, config=asdict(cfg), resume=resume
+        )
+        if self.world.is_main:
+            (self.out_dir).mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    def say(self, msg: str) -> None:
+        if self.world.is_main:
+            print(msg, flush=True)
+
+    # -- checkpoints
+    def save(self) -> Path:
+        name = f"step-{self.step:07d}"
+        ckpt = self.out_dir / "checkpoints" / name
+        if self.world.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            ckpt.mkdir(parents=True)
+        barrier()
+        self.engine.save(ckpt)
+        torch.save(_rng_state(), ckpt / f"rng_rank{self.world.rank:03d}.pt")
+        barrier()
+        if self.world.is_main:
+            state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "data": self.loader.state_dict(),
+                "fingerprint": self.fingerprint,
+                "tensor_parallel": self.world.tp,
+                "data_parallel": self.world.dp,
+                "backend": self.engine.name,
+            }
+            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (ckpt / "hf_config.json").write_text(self.hf_config.to_json_string())
+            import yaml
+
+            (ckpt / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+            (self.out_dir / "checkpoints" / "latest").write_text(name)
+        barrier()
+        self.last_checkpoint = ckpt
+        return ckpt
+
+    def _load(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise TrainError(
+                f"{ckpt} was trained on shards with fingerprint {state['fingerprint'][:12]}…, these are "
+                f"{self.fingerprint[:12]}…: resume on the same shards or start a new run (another train.output_dir)"
+            )
+        self.engine.load(ckpt)
+        self.loader.load_state_dict(state["data"])
+        rng = ckpt / f"rng_rank{self.world.rank:03d}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        self.step = int(state["step"])
+        self.last_checkpoint = ckpt
+        self.say(f"resumed from {ckpt} at step {self.step}")
+
+    # -- eval
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.eval_dir is None:
+            return None
+        from train.evaluate import eval_accuracy, eval_loss
+
+        t0 = time.perf_counter()
+        res: dict[str, Any] = eval_loss(self.engine, self.eval_dir, self.data_cfg, self.world, self.pixel_dtype)
+        tc = self.cfg.train
+        if tc.eval_samples:
+            ss = ShardSet(self.eval_dir)
+            tokenizer = None
+            try:
+                from shared.presets import load_processor
+
+                tokenizer = load_processor(ss.processor.get("preset") or ss.processor["name_or_path"]).tokenizer
+            except Exception as e:  # decoding is for reading answers; without it accuracy cannot be scored
+                self.say(f"note: no tokenizer for eval answers ({e}); accuracy skipped")
+            if tokenizer is not None:
+                spec = PackingSpec.from_processor_identity(ss.processor)
+                acc = eval_accuracy(
+                    self.engine, self.eval_dir, spec, self.world,
+                    num_samples=tc.eval_samples, max_new_tokens=tc.eval_max_new_tokens,
+                    budget=tc.max_tokens_per_gpu, tokenizer=tokenizer,
+                    stop_id=ss.processor["special_ids"]["im_end"], pixel_dtype=self.pixel_dtype,
+                )
+                res.update(accuracy=acc["accuracy"], answered=acc["answered"])
+                if self.world.is_main and acc["examples"]:
+                    ex = acc["examples"][0]
+                    self.say(f"  e.g. {ex['key']}: answer {ex['answer']!r}, generated {ex['generated']!r}")
+        res["seconds"] = time.perf_counter() - t0
+        self.logger.log("eval", self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
+        acc_txt = f", accuracy {100 * res['accuracy']:.1f}% of {res['answered']}" if "accuracy" in res else ""
+        self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{acc_txt} ({res['seconds']:.1f}s)")
+        return res
+
+    # -- train
+    def train(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        w = self.world
+        dev = w.device
+        self.say(
+            f"training {self.cfg.model.name_or_path} ({'random init' if tc.random_init else 'pretrained'}) on "
+            f"{self.train_dir}: {self.loader.steps_per_epoch} steps/epoch x {tc.epochs} epochs, {self.total_steps} steps; "
+            f"world {w.world_size} (tp {w.tp}, dp {w.dp}) on {dev.type}"
+            + (f"; peak bf16 {self.peak_tflops:.0f} TFLOP/s measured" if self.peak_tflops else "")
+        )
+        t_start, start_step = time.perf_counter(), self.step
+        last: dict[str, Any] = {}
+        data_wait_total, step_time_total = 0.0, 0.0
+        it = iter(self.loader)
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            try:
+                gstep = next(it)
+            except StopIteration:
+                break
+            mbs = [mb.to(dev, non_blocking=True, pixel_dtype=self.pixel_dtype) for mb in gstep.micro_batches]
+            t_data = time.perf_counter() - t0
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            lr = lr_at(self.step, self.total_steps, tc)
+            out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
+            flops = sum(self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in gstep.micro_batches)
+            stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
+            if dist.is_initialized() and w.world_size > 1:
+                from megatron.core import parallel_state
+
+                stats = stats.to(dev)
+                dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+            loss = float(stats[0]) / max(1, gstep.num_loss_tokens)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            data_wait_total += t_data
+            step_time_total += dt
+            if not math.isfinite(loss) or not out["ok"]:
+                where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+                raise TrainError(
+                    f"loss is {loss} (grad norm {out['grad_norm']}) at step {self.step}: stopping; {where}. "
+                    "Lower train.lr or check the data with `geo3k inspect --verify`"
+                )
+            tflops = float(stats[1]) / dt / 1e12 / w.tp  # each TP group computes one DP share
+            mfu = (tflops / w.dp) / self.peak_tflops if self.peak_tflops else None
+            last = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(out["grad_norm"]),
+                "tokens_per_s": gstep.num_tokens / dt,
+                "samples_per_s": gstep.num_samples / dt,
+                "step_s": dt,
+                "data_wait_s": t_data,
+                "model_tflops_per_gpu": tflops / w.dp,
+                "mfu": mfu,
+                "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+                "epoch": gstep.epoch,
+            }
+            self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})
+            if tc.log_interval and (self.step % tc.log_interval == 0 or self.step == self.total_steps):
+                eta = (time.perf_counter() - t_start) / (self.step - start_step) * (self.total_steps - self.step)
+                self.say(MetricsLogger.line(self.step, self.total_steps, last, eta))
+            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if tc.save_interval and self.step % tc.save_interval == 0 and self.step < self.total_steps:
+                self.say(f"saved {self.save()}")
+        ev = self.evaluate()
+        ckpt = self.save()
+        self.say(f"saved {ckpt}")
+        plot = self.logger.plot_loss()
+        if plot:
+            self.say(f"loss curve: {plot}")
+        self.logger.close()
+        return {
+            "steps": self.step,
+            "last": last,
+            "eval": ev,
+            "checkpoint": str(ckpt),
+            "data_wait_fraction": data_wait_total / step_time_total if step_time_total else 0.0,
+        }
+
+
+def run_training(cfg: PipelineConfig, *, resume: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        destroy()
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
+    """A geo3k checkpoint (or a run folder: its latest) -> a transformers model folder with the processor."""
+    import yaml
+    from transformers import AutoConfig
+
+    from shared.config import from_dict
+    from shared.presets import load_processor
+    from train.models.convert import export_hf
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "trainer_state.json").exists():
+        found = latest_checkpoint(ckpt)
+        if found is None:
+            raise TrainError(f"{ckpt} is neither a checkpoint (step-*/ with trainer_state.json) nor a run folder with one")
+        ckpt = found
+    hf_dict = json.loads((ckpt / "hf_config.json").read_text())
+    hf_config = AutoConfig.for_model(**hf_dict)
+    state = merged_model_state(ckpt, hf_config)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    export_hf(state, hf_config, out, dtype=torch_dtype)
+    cfg = from_dict(PipelineConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
+    hf_config.torch_dtype = dtype
+    (Path(out) / "config.json").write_text(hf_config.to_json_string())
+    proc = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    proc.processor.save_pretrained(str(out))
+    return Path(out)
+
+
+def launch_with_torchrun(nproc: int, argv: list[str]) -> None:
+    """Re-run this command under torchrun with nproc processes on this node (one per GPU)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "shared.cli", *argv]
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.execv(sys.executable, cmd)
