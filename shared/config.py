@@ -203,6 +203,8 @@ class TrainConfig:
     seed: int = 1234
     save_interval: int = 100
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints, deleting older ones (0 keeps all): a 2B model's is ~30 GB with Adam."""
     eval_interval: int = 100
     """Evaluate every N steps (and at the end); 0 evaluates only at the end."""
     eval_samples: int = 64
@@ -231,7 +233,7 @@ class TrainConfig:
         )
         _check(self.clip_grad >= 0, f"{path}.clip_grad", "must be >= 0 (0 disables clipping)")
         _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
-        for name in ("save_interval", "eval_interval", "eval_samples", "log_interval"):
+        for name in ("save_interval", "keep_checkpoints", "eval_interval", "eval_samples", "log_interval"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
         return self
 
@@ -302,6 +304,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:

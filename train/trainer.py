@@ -187,6 +187,10 @@ class Trainer:
 
             (ckpt / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
             (self.out_dir / "checkpoints" / "latest").write_text(name)
+            keep = self.cfg.train.keep_checkpoints
+            if keep:
+                for old in sorted((self.out_dir / "checkpoints").glob("step-*"))[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
         barrier()
         self.last_checkpoint = ckpt
         return ckpt
