@@ -92,12 +92,22 @@ class _TorchOptimizer:
 
     def step(self):
         grads = [p.grad for p in self.params if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float64)
-        for g in grads:
-            sq += g.double().pow(2).sum()
-        # tensor-parallel shards hold disjoint parts of the split weights; replicated ones are counted
-        # once per rank, which Megatron also accepts for its norm (it deduplicates them; small effect)
-        norm = float(sq.sqrt())
+        # The global norm: tensor-parallel shards hold disjoint parts of the split weights (summed over
+        # the TP group); replicated weights (norms, the vision tower) are identical on every TP rank and
+        # counted once, as Megatron's clip_grad_norm does.
+        split = torch.zeros((), dtype=torch.float64)
+        replicated = torch.zeros((), dtype=torch.float64)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            sq = p.grad.double().pow(2).sum()
+            if getattr(p, "tensor_model_parallel", False):
+                split += sq
+            else:
+                replicated += sq
+        if dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(split, group=self.tp_group)
+        norm = float((split + replicated).sqrt())
         if not math.isfinite(norm):
             return False, norm, None
         if self.clip > 0 and norm > self.clip:
