@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several GPUs (issue 9), one session on a 2-GPU machine: the same random Qwen3-VL-2B weights (an HF
 # checkpoint written first, so every layout starts from identical weights) and the same data, 10 steps each:
-#   1 GPU  |  DP=2 (--nproc 2)  |  TP=2 + sequence parallel (--nproc 2)  |  DP=2 saved at step 5 -> resumed on 1 GPU
+#   1 GPU  |  DP=2 (--nproc 2)  |  TP=2 + sequence parallel (--nproc 2)  |  DP=2's half-way checkpoint resumed on 1 GPU
 # then compares the losses (scripts print a table) and the DP=2 scaling in tokens/s.
 #   bash bench/gpu_multi_session.sh        # logs under $OUT
 set -uo pipefail
@@ -42,14 +42,14 @@ run() {  # name, nproc, extra...
   echo "=== $name"
   $G3 train $common --nproc $n --set train.output_dir=$W/$name "$@" 2>&1 | grep -v -i warn | grep -E "^step|error|Error|resumed|training" | tee "$OUT/$name.log" | tail -3
 }
+HALF=$((STEPS / 2))
 run one 1
-run dp2 2
+# DP=2 also saves at the half-way step: that checkpoint is resumed on one GPU below
+run dp2 2 --set train.save_interval=$HALF --set train.keep_checkpoints=3
 run tp2sp 2 --set train.tensor_parallel=2 --set train.sequence_parallel=true
-# resume across world sizes: DP=2 checkpoint at step 5, continued on one GPU
-run dp2save 2 --set train.save_interval=5 --set train.keep_checkpoints=3
-mkdir -p $W/resume1/checkpoints && cp -r $W/dp2save/checkpoints/step-0000005 $W/resume1/checkpoints/ \
-  && echo step-0000005 > $W/resume1/checkpoints/latest
-echo "=== resume1 (DP=2 checkpoint of step 5 on 1 GPU)"
+ck=$(printf "step-%07d" $HALF)
+mkdir -p $W/resume1/checkpoints && mv $W/dp2/checkpoints/$ck $W/resume1/checkpoints/ && echo $ck > $W/resume1/checkpoints/latest
+echo "=== resume1 (DP=2 checkpoint of step $HALF on 1 GPU)"
 $G3 train $common --set train.output_dir=$W/resume1 --resume 2>&1 | grep -v -i warn | grep -E "^step|error|Error|resumed" | tee "$OUT/resume1.log" | tail -3
-for r in one dp2 tp2sp dp2save resume1; do cp $W/$r/metrics.jsonl "$OUT/metrics-$r.jsonl" 2>/dev/null; done
-$PY bench/compare_runs.py $W one dp2 tp2sp dp2save resume1 | tee "$OUT/compare.md"
+for r in one dp2 tp2sp resume1; do cp $W/$r/metrics.jsonl "$OUT/metrics-$r.jsonl" 2>/dev/null; done
+$PY bench/compare_runs.py $W one dp2 tp2sp resume1 | tee "$OUT/compare.md"
