@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 MODEL=${MODEL:-qwen3-vl-2b}
 STEPS=${STEPS:-10}
 W=/tmp/geo3k-multi
-rm -rf $W && mkdir -p $W
+rm -rf $W && mkdir -p $W/logs
+L=$W/logs  # everything detailed goes here and comes back as one archive (the device returns few files)
 $G3 demo-data --out $W/demo --train ${TRAIN_ROWS:-1400} --test 40 > /dev/null 2>&1
 $G3 preprocess -c $W/demo/pipeline.yaml --set shards.output_dir=$W/shards --set shards.samples_per_shard=64 -q | tail -4
 $PY - <<EOF
@@ -40,7 +41,8 @@ common="-c $W/demo/pipeline.yaml --set model.name_or_path=$W/init --set train.sh
 run() {  # name, nproc, extra...
   local name=$1 n=$2; shift 2
   echo "=== $name"
-  $G3 train $common --nproc $n --set train.output_dir=$W/$name "$@" 2>&1 | grep -v -i warn | grep -E "^step|error|Error|resumed|training" | tee "$OUT/$name.log" | tail -3
+  $G3 train $common --nproc $n --set train.output_dir=$W/$name "$@" > $L/$name.log 2>&1
+  grep -E "^step|rror|resumed|training" $L/$name.log | tail -4
 }
 HALF=$((STEPS / 2))
 run one 1
@@ -50,6 +52,8 @@ run tp2sp 2 --set train.tensor_parallel=2 --set train.sequence_parallel=true
 ck=$(printf "step-%07d" $HALF)
 mkdir -p $W/resume1/checkpoints && mv $W/dp2/checkpoints/$ck $W/resume1/checkpoints/ && echo $ck > $W/resume1/checkpoints/latest
 echo "=== resume1 (DP=2 checkpoint of step $HALF on 1 GPU)"
-$G3 train $common --set train.output_dir=$W/resume1 --resume 2>&1 | grep -v -i warn | grep -E "^step|error|Error|resumed" | tee "$OUT/resume1.log" | tail -3
-for r in one dp2 tp2sp resume1; do cp $W/$r/metrics.jsonl "$OUT/metrics-$r.jsonl" 2>/dev/null; done
+$G3 train $common --set train.output_dir=$W/resume1 --resume > $L/resume1.log 2>&1
+grep -E "^step|rror|resumed" $L/resume1.log | tail -4
+for r in one dp2 tp2sp resume1; do cp $W/$r/metrics.jsonl "$L/metrics-$r.jsonl" 2>/dev/null; done
 $PY bench/compare_runs.py $W one dp2 tp2sp resume1 | tee "$OUT/compare.md"
+tar czf "$OUT/multi-logs.tgz" -C $L .
