@@ -195,10 +195,7 @@ def train(
             i = sys.argv.index("--nproc")
             argv = sys.argv[1:i] + sys.argv[i + 2 :]
         launch_with_torchrun(nproc, argv)
-    if cfg.train.backend == "fsdp":
-        from train.trainer_fsdp import run_training
-    else:
-        from train.trainer import run_training
+    from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
 
     result = run_training(cfg, resume=resume)
     if json_out and int(os.environ.get("RANK", 0)) == 0:

@@ -125,7 +125,11 @@ class Trainer:
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        self.engine = MegatronEngine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
+        if tc.backend == "fsdp":
+            from train.engine_fsdp import FSDPEngine as Engine
+        else:
+            Engine = MegatronEngine
+        self.engine = Engine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
         self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
         self.data_cfg = DataConfig(
             max_tokens_per_gpu=tc.max_tokens_per_gpu,
@@ -197,6 +201,8 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state.get("backend", "megatron") != self.engine.name:
+            raise TrainError(f"{ckpt} was saved by the {state['backend']} backend: resume with --backend {state['backend']}")
         if state["fingerprint"] != self.fingerprint:
             raise TrainError(
                 f"{ckpt} was trained on shards with fingerprint {state['fingerprint'][:12]}…, these are "
@@ -359,7 +365,13 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16") -> Path
         ckpt = found
     hf_dict = json.loads((ckpt / "hf_config.json").read_text())
     hf_config = AutoConfig.for_model(**hf_dict)
-    state = merged_model_state(ckpt, hf_config)
+    if json.loads((ckpt / "trainer_state.json").read_text()).get("backend", "megatron") == "fsdp":
+        from train.engine_fsdp import full_model_state
+        from train.models.convert import hf_to_megatron
+
+        state = hf_to_megatron(full_model_state(ckpt), hf_config)  # export_hf's input; a lossless renaming
+    else:
+        state = merged_model_state(ckpt, hf_config)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     export_hf(state, hf_config, out, dtype=torch_dtype)
     cfg = from_dict(PipelineConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))

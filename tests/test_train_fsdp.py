@@ -1,0 +1,215 @@
+"""`geo3k train --backend fsdp` on CPU: 2 processes (gloo) -> checkpoint -> resume -> export, and the same
+first steps as the Megatron backend.
+
+Both backends start from one HF checkpoint folder (a random tiny-qwen3-vl written with save_pretrained), so
+they hold the same weights; the FSDP run shards them over 2 processes, the Megatron run uses 1. Runs go through
+the real CLI in subprocesses, as tests/test_train_e2e.py does. The learning rate is constant (no warmup, min_lr =
+lr), so the first steps of the 20-step FSDP run are those of a 5-step Megatron run: one launch fewer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+STEPS = 20
+
+
+def geo3k(*args: str, cwd: Path, threads: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"geo3k {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def train_args(demo_shards: Path, init: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "-c", str(REPO / "examples" / "tiny-cpu.yaml"),
+        "--set", f"model.name_or_path={init}",
+        "--set", "train.random_init=false",
+        "--set", f"train.shards={demo_shards / 'train'}",
+        "--set", f"train.eval_shards={demo_shards / 'test'}",
+        "--set", f"train.output_dir={out}",
+        "--set", "train.global_batch_size=4",
+        "--set", f"train.train_iters={STEPS}",
+        "--set", "train.eval_samples=2",
+        "--set", "train.warmup_fraction=0",
+        "--set", "train.min_lr=1e-3",  # = train.lr of tiny-cpu.yaml
+        *extra,
+    ]
+
+
+def fsdp_2proc(demo_shards: Path, init: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    # one thread per process: the 2 processes fill 2 cores, and a resumed run repeats the same kernels exactly
+    return geo3k(*train_args(demo_shards, init, out, "--backend", "fsdp", "--nproc", "2", *extra), cwd=out.parent, threads=1)
+
+
+def losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny-qwen3-vl saved as a transformers model folder (with its processor, which export copies):
+    the shared starting weights."""
+    from transformers import AutoModelForImageTextToText
+
+    from shared.presets import load_processor
+    from train.models import load_hf_config
+
+    out = tmp_path_factory.mktemp("init") / "tiny"
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(load_hf_config("tiny-qwen3-vl"), dtype=torch.float32).save_pretrained(str(out))
+    load_processor("tiny-qwen3-vl").processor.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_shards, init_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = fsdp_2proc(demo_shards, init_checkpoint, out)
+    assert "world 2 (tp 1, dp 2)" in proc.stdout
+    assert f"step {STEPS}/{STEPS}" in proc.stdout and f"eval @ step {STEPS}" in proc.stdout
+    return out
+
+
+def test_fsdp_loss_goes_down_and_checkpoints_are_written(full_run):
+    l = losses(full_run)
+    assert sorted(l) == list(range(1, STEPS + 1))
+    assert np.mean([l[s] for s in range(16, 21)]) < np.mean([l[s] for s in range(1, 6)]) - 0.5
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-0000010", "step-0000020"]
+    state = json.loads((full_run / "checkpoints" / "step-0000010" / "trainer_state.json").read_text())
+    assert state["backend"] == "fsdp" and state["data_parallel"] == 2
+    assert (full_run / "checkpoints" / "step-0000010" / "dcp" / ".metadata").exists()
+    evals = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [10, 20] and all(np.isfinite(e["loss"]) for e in evals)
+
+
+def test_fsdp_resume_continues_exactly(full_run, demo_shards, init_checkpoint, tmp_path):
+    # a run "killed" right after step 10: its output folder holds what the full run had at that point
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "step-0000010", run / "checkpoints" / "step-0000010")
+    (run / "checkpoints" / "latest").write_text("step-0000010")
+    proc = fsdp_2proc(demo_shards, init_checkpoint, run, "--resume")
+    assert "resumed from" in proc.stdout
+    a, b = losses(full_run), losses(run)
+    assert sorted(b) == list(range(11, STEPS + 1))
+    for s in range(11, STEPS + 1):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+def test_fsdp_and_megatron_take_the_same_first_steps(full_run, demo_shards, init_checkpoint, tmp_path):
+    # same weights, same data and order (the plan does not depend on the number of ranks), same lr, fp32 on CPU
+    run = tmp_path / "megatron"
+    geo3k(
+        *train_args(demo_shards, init_checkpoint, run, "--backend", "megatron",
+                    "--set", "train.train_iters=5", "--set", f"train.eval_shards={tmp_path / 'none'}"),
+        cwd=tmp_path, threads=2,
+    )
+    m, f = losses(run), losses(full_run)
+    assert sorted(m) == [1, 2, 3, 4, 5]
+    for s in range(1, 6):
+        assert abs(m[s] - f[s]) <= 1e-5, (s, m[s], f[s])
+
+
+def test_fsdp_export_loads_in_transformers_with_the_trained_weights(full_run, demo_shards, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from shared.manifest import ShardSet
+    from train.data import PackingSpec, pack_samples
+    from train.engine_fsdp import full_model_state
+
+    out = tmp_path / "hf"
+    geo3k("export", str(full_run), "--out", str(out), "--dtype", "float32", cwd=tmp_path, threads=2)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+
+    hf = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    loaded = hf.state_dict()
+    trained = full_model_state(full_run / "checkpoints" / "step-0000020")
+    assert set(trained) <= set(loaded)
+    for key, value in trained.items():
+        assert torch.equal(loaded[key], value), key
+
+    ss = ShardSet(demo_shards / "test")
+    mb = pack_samples([next(ss.iter_samples())], PackingSpec.from_processor_identity(ss.processor))
+    kwargs = {"mm_token_type_ids": (mb.input_ids == hf.config.image_token_id).int()[None]}
+    with torch.no_grad():
+        logits = hf(input_ids=mb.input_ids[None], pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, **kwargs).logits[0]
+    loss = torch.nn.functional.cross_entropy(logits, mb.labels, ignore_index=-100)
+    assert torch.isfinite(loss) and loss < 11.0  # trained: below the untrained ~ln(151936) = 11.9
+
+
+def test_chunked_cross_entropy_equals_the_plain_one():
+    from train.engine_fsdp import chunked_ce_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::3] = -100
+    ours = chunked_ce_sum(hidden, weight, labels, chunk=5)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(ours, ref)
+    g_ours = torch.autograd.grad(ours, (hidden, weight))
+    g_ref = torch.autograd.grad(ref, (hidden, weight))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+    no_labels = chunked_ce_sum(hidden, weight, torch.full((37,), -100))
+    assert no_labels.item() == 0.0 and no_labels.requires_grad
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe"])
+def test_packed_fsdp_forward_equals_transformers_per_sample(family, tmp_path):
+    """Samples packed into one micro-batch through the FSDP engine (varlen attention, per-sample M-RoPE, our LM
+    head and loss) give the logits and loss transformers gives each sample alone: nothing crosses a boundary."""
+    import warnings
+    from types import SimpleNamespace
+
+    from shared.config import TrainConfig
+    from tests import models_fixtures as fx
+    from tests.megatron_cpu import init_megatron_cpu
+    from train.distributed import World
+    from train.engine_fsdp import FSDPEngine
+
+    init_megatron_cpu()
+    torch.manual_seed(0)
+    cfg = fx.tiny_config(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = fx.hf_model_class(family)(cfg).eval()
+    fx.randomize_(hf, seed=1)
+    hf.save_pretrained(tmp_path)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, dp_rank=0, tp_rank=0)
+    engine = FSDPEngine(cfg, TrainConfig(bf16=False), world, init_from=str(tmp_path))
+
+    samples = [fx.make_sample(10, [(1, 4, 6), (1, 6, 4)]), fx.make_sample(11, [(1, 8, 8)], num_text=(9, 12)), fx.make_sample(12, [], num_text=(15, 0))]
+    positions = [fx.rope_positions(hf, s) for s in samples]
+    batch = fx.pack(samples, positions, pad_to=sum(len(s.input_ids) for s in samples) + 5)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for start, end in list(zip(batch["cu_seqlens"][:-1].tolist(), batch["cu_seqlens"][1:].tolist()))[:3]:
+        labels[start : end - 1] = batch["input_ids"][start + 1 : end]
+    mb = SimpleNamespace(**batch, labels=labels, num_images=len(batch["image_grid_thw"]))
+
+    logits = engine.logits(mb)
+    loss_sum = engine.eval_loss(mb)
+    ref_sum = 0.0
+    for s, pos, start in zip(samples, positions, batch["cu_seqlens"].tolist()):
+        ref = fx.hf_logits(hf, s, pos)
+        ours = logits[start : start + len(s.input_ids)]
+        assert (ours - ref).abs().max().item() <= 1e-4, family
+        ref_sum += torch.nn.functional.cross_entropy(ref[:-1], s.input_ids[1:], reduction="sum").item()
+    assert abs(loss_sum.item() - ref_sum) <= 1e-4 * abs(ref_sum)

@@ -1,0 +1,355 @@
+"""The FSDP backend: transformers' own Qwen-VL model, sharded with PyTorch FSDP2, behind the engine interface.
+
+Same interface as train/engine_megatron.py (`train_step`, `eval_loss`, `logits`, `save`, `load`), so the loop,
+data path, schedule, eval, logging and export of train/trainer.py are shared; only this file differs.
+
+    model     AutoModelForImageTextToText (Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE) built from the run's config:
+              random init (train.random_init) or the weights of an HF checkpoint (directory or hub id)
+    attention every text and vision attention module runs `attention.varlen_attention` through transformers'
+              attention interface; the packed micro-batch's cu_seqlens reach it as `cu_seq_lens_q/k` kwargs,
+              so attention never crosses samples (the data path's per-sample M-RoPE positions go in as the
+              model's 3-row position_ids, shape [3, 1, T])
+    sharding  `fully_shard` on each decoder layer and vision block (the model's `_no_split_modules`), then the
+              root (embeddings, tied LM head, final norm, patch embedding and mergers). One data-parallel mesh
+              over all processes; no tensor parallelism. On GPUs bf16 compute with fp32 sharded master weights
+              and fp32 gradient reduction (MixedPrecisionPolicy); on CPU plain fp32 (gloo)
+    recompute train.recompute != none -> transformers' gradient checkpointing on every layer and vision block
+              (non-reentrant; FSDP2's hooks run inside the checkpointed call, which FSDP2 supports).
+              "selective" has no transformers equivalent and is treated as "full"
+    loss      labels arrive shifted (-100 elsewhere), so the LM head and cross entropy run here, not in
+              transformers: only the loss positions go through the head, in chunks of LOSS_CHUNK tokens, each
+              recomputed in backward, so the full [T, vocab] fp32 logits never exist. sum(CE) / (loss tokens
+              of the *global* batch), gradients summed (not averaged) over ranks: the step's gradient is that of
+              the global per-token mean, as the Megatron backend's
+    optimizer AdamW with Megatron's parameter groups (no decay on biases and 1-D weights), gradient clipping on
+              the global norm (DTensor-aware), the shared lr schedule
+    ckpts     torch.distributed.checkpoint (DCP) of the model and optimizer state dicts, sharded per rank: a run
+              resumes on any number of processes. `full_model_state` reads the model part back without a
+              process group, for `geo3k export`
+
+Collectives. FSDP all-gathers every layer's parameters in its forward, so all ranks must run the same forwards:
+- training runs every micro-batch, also the padding-only ones (the loader gives every rank the same count), and
+  a micro-batch without images still runs the vision tower on a dummy image (its output times 0 joins the loss);
+- eval and generation run a different number of forwards per rank (greedy decoding stops early), so the first
+  eval call gathers all parameters once (a collective: every rank reaches it, as Trainer.evaluate calls eval_loss
+  on every rank that holds eval samples, i.e. all when the eval set has >= dp samples) and keeps them gathered;
+  the next train_step or save frees them again. This holds the full model on each GPU during eval.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+from train.distributed import World
+from train.engine_megatron import _no_decay
+
+IGNORE_INDEX = -100
+LOSS_CHUNK = 1024
+"""Loss tokens per LM-head chunk: [1024, vocab 151936] fp32 logits are 0.6 GB, alive one chunk at a time."""
+DCP_DIR = "dcp"
+
+
+class FSDPConfigError(UserError, ValueError):
+    """A setting the FSDP backend cannot honour."""
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_hf_model(hf_config, init_from: str | None, seed: int) -> torch.nn.Module:
+    """The transformers model on CPU in fp32: random (seeded, identical on every rank) or from a checkpoint."""
+    from transformers import AutoModelForImageTextToText
+
+    if init_from is None:
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        from train.models.convert import resolve_checkpoint_dir
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(resolve_checkpoint_dir(init_from)), config=hf_config, dtype=torch.float32, attn_implementation="sdpa"
+        )
+    use_varlen_attention(model)
+    return model
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Route every attention module (text and vision) to the varlen kernel registered with transformers.
+
+    Switched after construction, as train/models/vision.py does: at construction transformers would try to load
+    a flash-attn kernel for any name containing "flash". The attention modules read the name per call."""
+    from train.models.attention import register_hf_attention
+
+    name = register_hf_attention()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+        for sub in ("text_config", "vision_config"):
+            sub_config = getattr(config, sub, None)
+            if sub_config is not None:
+                sub_config._attn_implementation = name
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    return []
+
+
+def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """sum over labels != -100 of CE(hidden @ weight.T, label), in fp32, never holding more than one chunk's logits.
+
+    hidden: [T, H]; weight: [V, H]; labels: [T]. Positions without a label skip the head entirely (for Geo3K the
+    prompt is most of the tokens). In training each chunk's logits are recomputed in backward."""
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
+    total = hidden.sum() * 0.0  # keeps the graph (and FSDP's backward) connected when there is no loss token
+    for start in range(0, h.shape[0], chunk):
+        args = (h[start : start + chunk], weight, y[start : start + chunk])
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(_ce_chunk, *args, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(*args)
+    return total
+
+
+def packed_forward(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels, dummy_vision=None):
+    """One packed micro-batch through the transformers model: the CE sum (labels given) or logits [T, vocab].
+
+    Bound to the model and registered with FSDP as a forward method, so the root's parameters are gathered
+    around it. The vision tower runs first, by itself: the attention kwargs (cu_seq_lens_*) are the language
+    model's and must not reach the vision tower, which builds its own per-image boundaries."""
+    core = model.model
+    encoded, zero = None, None
+    if pixel_values is not None:
+        encoded = core.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    elif dummy_vision is not None:
+        out = core.get_image_features(*dummy_vision, return_dict=True)
+        zero = sum(t.sum() for t in _tensors(out.pooler_output) + _tensors(getattr(out, "deepstack_features", None))) * 0.0
+    cu = cu_seqlens.to(torch.int32)
+    out = core(
+        input_ids=input_ids[None],
+        position_ids=position_ids[:, None, :],  # 3 rows (t, h, w): transformers takes these as the M-RoPE ids
+        mm_encoder_outputs={"image": encoded} if encoded is not None else None,
+        image_grid_thw=image_grid_thw if encoded is not None else None,
+        use_cache=False,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=int(max_seqlen),
+        max_length_k=int(max_seqlen),
+    )
+    hidden = out.last_hidden_state[0]
+    if labels is None:
+        return model.lm_head(hidden)
+    loss = chunked_ce_sum(hidden, model.lm_head.weight, labels)
+    return loss if zero is None else loss + zero
+
+
+# ---------------------------------------------------------------- engine
+
+
+class FSDPEngine:
+    name = "fsdp"
+
+    def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from: str | None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        if world.tp > 1 or world.pp > 1 or cfg.sequence_parallel:
+            raise FSDPConfigError(
+                "train.backend=fsdp shards over data-parallel ranks only: set train.tensor_parallel=1, "
+                "train.pipeline_parallel=1 and train.sequence_parallel=false (or use train.backend=megatron)"
+            )
+        self.cfg = cfg
+        self.world = world
+        self.hf_config = hf_config
+        self.cuda = world.device.type == "cuda"
+        self.bf16 = cfg.bf16 and self.cuda
+        model = build_hf_model(hf_config, init_from, cfg.seed)
+        model.config.use_cache = False
+        if cfg.recompute != "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        # The model stays on CPU until here: fully_shard moves one layer at a time to the mesh's device and keeps
+        # only this rank's shard, so a GPU never holds the whole fp32 model.
+        mesh = init_device_mesh(world.device.type, (world.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+        if not blocks:
+            raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in self.fsdp_modules:
+            # sum over ranks (the loss is already divided by the global count) with a plain SUM collective:
+            # a divide factor alone becomes NCCL's PreMulSum, which gloo lacks
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+        # ranks whose micro-batch leaves a parameter unused must still join its reduce-scatter
+        model.set_reduce_scatter_unused_params(True)
+        model.geo3k_forward = types.MethodType(packed_forward, model)
+        register_fsdp_forward_method(model, "geo3k_forward")
+        self.model = model
+        self.inner = model
+
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if _no_decay(name, p) else decay).append(p)
+        self.params = decay + no_decay
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        )
+        # a minimal image (one merged token) for micro-batches without one, so every rank runs the vision blocks
+        v = hf_config.vision_config
+        m = v.spatial_merge_size
+        width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        self._dummy_vision = (
+            torch.zeros(m * m, width, device=world.device),
+            torch.tensor([[1, m, m]], dtype=torch.long, device=world.device),
+        )
+        self._gathered = False
+
+    # ---------------------------------------------------------------- one step
+
+    def train_step(self, micro_batches: list, num_loss_tokens: int, lr: float) -> dict[str, Any]:
+        """Forward/backward every micro-batch (gradients reduce-scattered in each backward), clip, step."""
+        self._free_gathered()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
+        denom = float(max(1, num_loss_tokens))
+        alone = self.world.world_size == 1
+        for mb in micro_batches:
+            if mb.num_real_tokens == 0 and alone:
+                continue  # with other ranks, an empty slot still runs: FSDP's collectives need every rank
+            loss = self.forward(mb, labels=True, dummy_vision=not alone)
+            (loss / denom).backward()
+            loss_sum += loss.detach().float()
+        ok, grad_norm = self._clip_and_step()
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok}
+
+    def _clip_and_step(self) -> tuple[bool, float]:
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # the shards' partial norms, all-reduced
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_grad, norm, foreach=True)
+        self.optimizer.step()
+        return True, grad_norm
+
+    def forward(self, mb, labels: bool, dummy_vision: bool = False):
+        has_images = mb.num_images > 0
+        return self.model.geo3k_forward(
+            mb.input_ids,
+            mb.position_ids,
+            mb.cu_seqlens,
+            mb.max_seqlen,
+            mb.pixel_values if has_images else None,
+            mb.image_grid_thw if has_images else None,
+            mb.labels if labels else None,
+            self._dummy_vision if (dummy_vision and not has_images) else None,
+        )
+
+    @torch.no_grad()
+    def eval_loss(self, mb) -> torch.Tensor:
+        self._gather_for_eval()
+        self.model.eval()
+        return self.forward(mb, labels=True).float()
+
+    @torch.no_grad()
+    def logits(self, mb) -> torch.Tensor:
+        self._gather_for_eval()
+        self.model.eval()
+        return self.forward(mb, labels=False)
+
+    def _gather_for_eval(self) -> None:
+        """All-gather every parameter once and keep it gathered, so that ranks may run different numbers of
+        eval forwards (see the module docstring)."""
+        if self._gathered:
+            return
+        for m in self.fsdp_modules:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        self._gathered = True
+
+    def _free_gathered(self) -> None:
+        if not self._gathered:
+            return
+        for m in self.fsdp_modules:
+            m.reshard()
+            if m is not self.model:  # the root keeps FSDP's own choice (no reshard after forward)
+                m.set_reshard_after_forward(True, recurse=False)
+        self._gathered = False
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, ckpt: Path) -> None:
+        """Every rank writes its shards of the model and optimizer state (DCP, collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self._free_gathered()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+
+    def load(self, ckpt: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = Path(ckpt) / DCP_DIR
+        if not (path / ".metadata").exists():
+            raise FileNotFoundError(f"{ckpt} has no {DCP_DIR}/ (FSDP state): was it saved by the megatron backend? Resume with --backend megatron")
+        self._free_gathered()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)  # the layout to load into
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full model state (transformers names) of an FSDP checkpoint, read in one process, for export."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(ckpt) / DCP_DIR
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{ckpt} has no {DCP_DIR}/.metadata: is it a geo3k FSDP checkpoint?")
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    state = {
+        key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load({"model": state}, storage_reader=reader, no_dist=not dist.is_initialized())
+    return state
