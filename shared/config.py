@@ -203,6 +203,8 @@ class TrainConfig:
     seed: int = 1234
     save_interval: int = 100
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    save_last: bool = True
+    """Save a checkpoint when training ends (benchmarks turn it off)."""
     keep_checkpoints: int = 2
     """Keep the newest N checkpoints, deleting older ones (0 keeps all): a 2B model's is ~30 GB with Adam."""
     eval_interval: int = 100

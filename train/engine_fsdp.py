@@ -203,8 +203,10 @@ class FSDPEngine:
             # a divide factor alone becomes NCCL's PreMulSum, which gloo lacks
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-        # ranks whose micro-batch leaves a parameter unused must still join its reduce-scatter
-        model.set_reduce_scatter_unused_params(True)
+        # ranks whose micro-batch leaves a parameter unused must still join its reduce-scatter. torch < 2.12
+        # lacks the switch; there the dummy image below already keeps every parameter in use.
+        if hasattr(model, "set_reduce_scatter_unused_params"):
+            model.set_reduce_scatter_unused_params(True)
         model.geo3k_forward = types.MethodType(packed_forward, model)
         register_fsdp_forward_method(model, "geo3k_forward")
         self.model = model

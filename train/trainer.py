@@ -322,8 +322,9 @@ class Trainer:
             if tc.save_interval and self.step % tc.save_interval == 0 and self.step < self.total_steps:
                 self.say(f"saved {self.save()}")
         ev = self.evaluate()
-        ckpt = self.save()
-        self.say(f"saved {ckpt}")
+        ckpt = self.save() if tc.save_last else self.last_checkpoint
+        if tc.save_last:
+            self.say(f"saved {ckpt}")
         plot = self.logger.plot_loss()
         if plot:
             self.say(f"loss curve: {plot}")
