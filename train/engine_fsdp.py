@@ -130,30 +130,48 @@ def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return total
 
 
+def _vision(core, pixel_values, image_grid_thw):
+    """(merged image features [N, H], deepstack features list) straight from the vision module.
+
+    Called directly rather than through get_image_features / the model's forward: their signatures and
+    return types differ across transformers 5.x (5.17 has no `mm_encoder_outputs`, and a kwarg it does not
+    know is silently dropped: the images would never reach the language model)."""
+    out = core.visual(pixel_values.to(core.visual.dtype), grid_thw=image_grid_thw, return_dict=True)
+    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+
+
 def packed_forward(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels, dummy_vision=None):
     """One packed micro-batch through the transformers model: the CE sum (labels given) or logits [T, vocab].
 
     Bound to the model and registered with FSDP as a forward method, so the root's parameters are gathered
-    around it. The vision tower runs first, by itself: the attention kwargs (cu_seq_lens_*) are the language
-    model's and must not reach the vision tower, which builds its own per-image boundaries."""
+    around it. The vision tower runs first, by itself (the attention kwargs cu_seq_lens_* are the language
+    model's, not the vision tower's); its features replace the image tokens' embeddings, and Qwen3-VL's
+    deepstack features go to the language model as it expects them."""
     core = model.model
-    encoded, zero = None, None
+    emb = core.get_input_embeddings()(input_ids)  # [T, H]
+    lm_kwargs = {}
+    zero = None
     if pixel_values is not None:
-        encoded = core.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        feats, deep = _vision(core, pixel_values, image_grid_thw)
+        mask = input_ids == model.config.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
+        emb = emb.masked_scatter(mask[:, None].expand_as(emb), feats.to(emb.dtype))
+        if deep:
+            lm_kwargs.update(visual_pos_masks=mask[None], deepstack_visual_embeds=[d.to(emb.dtype) for d in deep])
     elif dummy_vision is not None:
-        out = core.get_image_features(*dummy_vision, return_dict=True)
-        zero = sum(t.sum() for t in _tensors(out.pooler_output) + _tensors(getattr(out, "deepstack_features", None))) * 0.0
+        feats, deep = _vision(core, *dummy_vision)
+        zero = sum(t.sum() for t in [feats, *deep]) * 0.0
     cu = cu_seqlens.to(torch.int32)
-    out = core(
-        input_ids=input_ids[None],
+    out = core.language_model(
+        inputs_embeds=emb[None],
         position_ids=position_ids[:, None, :],  # 3 rows (t, h, w): transformers takes these as the M-RoPE ids
-        mm_encoder_outputs={"image": encoded} if encoded is not None else None,
-        image_grid_thw=image_grid_thw if encoded is not None else None,
         use_cache=False,
         cu_seq_lens_q=cu,
         cu_seq_lens_k=cu,
         max_length_q=int(max_seqlen),
         max_length_k=int(max_seqlen),
+        **lm_kwargs,
     )
     hidden = out.last_hidden_state[0]
     if labels is None:
