@@ -57,9 +57,11 @@ def init_distributed(tp: int = 1, pp: int = 1) -> World:
             "use a process count that is a multiple of their product"
         )
     if not dist.is_initialized():
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "RANK" not in os.environ:
+            # a lone process (not started by torchrun): its own store on a free port. An inherited
+            # MASTER_PORT may belong to a parent's process group and is already taken.
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(
             "nccl" if cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
             device_id=device if cuda else None,
