@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,14 @@ from shared.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 # The ten real Geo3K problems live beside the checkout (../shared/geo3k_sample), never in the repo.
 SAMPLE_DIR = Path(os.environ.get("GEO3K_SAMPLE_DIR", REPO.parent / "shared" / "geo3k_sample"))
+
+
+def geo3k(*args: str, cwd: Path, threads: int = 2) -> subprocess.CompletedProcess:
+    """Run the real `geo3k` CLI in a subprocess (its own process group, as a user runs it); assert success."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"geo3k {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
 
 
 @pytest.fixture(scope="session", autouse=True)

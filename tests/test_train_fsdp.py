@@ -10,26 +10,17 @@ lr), so the first steps of the 20-step FSDP run are those of a 5-step Megatron r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, geo3k
 
 STEPS = 20
-
-
-def geo3k(*args: str, cwd: Path, threads: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"geo3k {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def train_args(demo_shards: Path, init: Path, out: Path, *extra: str) -> list[str]:

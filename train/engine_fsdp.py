@@ -51,7 +51,7 @@ import torch.utils.checkpoint
 from shared.config import TrainConfig
 from shared.errors import UserError
 from train.distributed import World
-from train.engine_megatron import _no_decay
+from train.engine_megatron import build_adamw
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024
@@ -230,17 +230,7 @@ class FSDPEngine:
         self.model = model
         self.inner = model
 
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if _no_decay(name, p) else decay).append(p)
-        self.params = decay + no_decay
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-        )
+        self.optimizer, self.params = build_adamw(model, cfg)
         # a minimal image (one merged token) for micro-batches without one, so every rank runs the vision blocks
         v = hf_config.vision_config
         m = v.spatial_merge_size

@@ -42,6 +42,21 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return name.endswith(".bias") or param.ndim == 1
 
 
+def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
+    """torch AdamW with Megatron's parameter groups; also returns the parameters (decayed first)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+    )
+    return optimizer, decay + no_decay
+
+
 class _LocalDDP(torch.nn.Module):
     """CPU stand-in for Megatron's DDP: gradients summed over data-parallel ranks at the end of a step."""
 
@@ -69,17 +84,7 @@ class _TorchOptimizer:
     """AdamW with Megatron's interface: step() -> (ok, grad_norm, None), clipping inside."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, tp_group):
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if _no_decay(name, p) else decay).append(p)
-        self.params = decay + no_decay
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-        )
+        self.optimizer, self.params = build_adamw(model, cfg)
         self.clip = cfg.clip_grad
         self.tp_group = tp_group
 
