@@ -101,18 +101,23 @@ def patches_from_pixel_values(pixel_values: np.ndarray, spec: PixelSpec) -> tupl
     """Invert the processor's normalisation: float32 [N, C*Tp*P*P] -> (uint8 [N, C, P, P], max |error|).
 
     Raises RecordError if the temporal frames differ (video) or the values are not an affine image of uint8.
+    The error is that of `normalize_patches` (the reader's formula) against the processor's values; the
+    temporal frames being equal, frame 0 stands for all of them.
     """
     n = pixel_values.shape[0]
     c, tp, p = spec.channels, spec.temporal_patch_size, spec.patch_size
     x = np.asarray(pixel_values, dtype=np.float32).reshape(n, c, tp, p, p)
-    if tp > 1 and not np.array_equal(x[:, :, :1].repeat(tp, axis=2), x):
+    if tp > 1 and not (x[:, :, 1:] == x[:, :, :1]).all():
         raise RecordError("the temporal frames of an image differ: only still images are supported")
     offset, scale = spec.affine()
-    u = np.rint(x[:, :, 0].astype(np.float64) * scale[None, :, None, None] + offset[None, :, None, None])
-    if u.min() < -0.5 or u.max() > 255.5:
+    off, sc = offset[None, :, None, None], scale[None, :, None, None]
+    frame = x[:, :, 0]
+    # float32 is ample: values are within ~1e-5 of integers 0..255, far from the rounding boundary at .5
+    u = np.rint(frame * sc + off)
+    if n and (u.min() < 0 or u.max() > 255):
         raise RecordError("pixel values fall outside the uint8 range: the processor does not match its preset")
-    patches = np.clip(u, 0, 255).astype(np.uint8)
-    err = float(np.abs(normalize_patches(patches, spec) - pixel_values.reshape(n, -1)).max()) if n else 0.0
+    patches = u.astype(np.uint8)
+    err = float(np.abs((patches.astype(np.float32) - off) / sc - frame).max()) if n else 0.0
     return patches, err
 
 
