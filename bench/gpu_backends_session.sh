@@ -5,14 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 GEO3K_CACHE=/tmp/geo3k-cache
+source bench/gpu_env.sh
 SHARDS=${SHARDS:-.cache/bench/geo3k-like-512}
 MODEL=${MODEL:-qwen3-vl-2b}
 W=/tmp/geo3k-backends; rm -rf $W; mkdir -p $W

@@ -4,15 +4,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEO3K_CACHE=/tmp/gc
+source bench/gpu_env.sh
 W=/tmp/geo3k-dp; rm -rf $W; mkdir -p $W
 for run in "one 1" "dp2 2"; do
   set -- $run
-  python3 -m shared.cli train --nproc $2 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true \
+  $PY -m shared.cli train --nproc $2 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true \
     --set train.shards=.cache/bench/geo3k-like-512 --set train.eval_shards=$W/none --set train.global_batch_size=64 \
     --set train.train_iters=${STEPS:-6} --set train.save_interval=0 --set train.save_last=false --set train.eval_interval=0 \
     --set train.output_dir=$W/$1 > $OUT/$1.log 2>&1
   echo "$1 rc=$?"; grep -E "^step|rror" $OUT/$1.log | tail -3
 done
-python3 bench/compare_runs.py $W one dp2 | tee $OUT/compare.md
+$PY bench/compare_runs.py $W one dp2 | tee $OUT/compare.md

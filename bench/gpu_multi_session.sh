@@ -8,14 +8,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEO3K_CACHE=/tmp/geo3k-cache
+source bench/gpu_env.sh
 G3="$PY -m shared.cli"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 MODEL=${MODEL:-qwen3-vl-2b}

@@ -9,14 +9,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 GEO3K_CACHE=/tmp/geo3k-cache
+source bench/gpu_env.sh
 G3="$PY -m shared.cli"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
