@@ -1,7 +1,10 @@
 """The data path's knobs, one per decision, checked when built.
 
     cfg = DataConfig(max_tokens_per_gpu=4096, global_batch_size=128, num_epochs=3)
-    cfg = DataConfig.from_dict(pipeline_cfg.train.get("data", {}))   # from pipeline.yaml's `train.data:`
+
+The trainer builds it from pipeline.yaml's `train:` section (train/trainer.py: budget, patch cap, global batch,
+epochs, seed, workers; the tensor-parallel size as pad_to_multiple_of under sequence parallelism). The other
+knobs (balance, drop_last, prefetch, pin_memory) keep these defaults there; tests and benchmarks set them here.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: str = "train.data") -> "DataConfig":
-        """Build from a mapping (pipeline.yaml's `train.data:`); unknown keys are errors."""
+        """Build from a mapping; unknown keys are errors."""
         from shared.config import from_dict
 
         return from_dict(cls, dict(d), path)
