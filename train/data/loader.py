@@ -48,12 +48,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shared.errors import UserError
 from shared.manifest import ShardSet
 from shared.schema import RecordError
 from train.data.batch import PackedBatch, PackingSpec, pack_samples
 from train.data.config import DataConfig
 from train.data.packing import EpochPlan, FlopsModel, check_fits, plan_epoch, steps_per_epoch
 from train.data.reader import SampleTable, TarRecordReader
+
+
+class LoaderError(UserError, ValueError):
+    """A shard set or saved position this loader cannot serve; the message says what to change."""
 
 
 @dataclass
@@ -139,9 +144,9 @@ class PackedLoader:
         check_fits(self.table, cfg)  # fail before training starts, not in the middle of an epoch
         self.steps_per_epoch = steps_per_epoch(len(self.table), cfg)
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise LoaderError(
                 f"{self.shard_set.root} holds {len(self.table)} samples, fewer than global_batch_size="
-                f"{cfg.global_batch_size} with drop_last: lower train.data.global_batch_size or set drop_last=false"
+                f"{cfg.global_batch_size} with drop_last: lower train.global_batch_size (--set train.global_batch_size=N)"
             )
         self.spec = PackingSpec.from_processor_identity(self.shard_set.processor, cfg.pad_to_multiple_of)
         self.flops = flops if flops is not None else flops_model_for(self.shard_set.processor)
@@ -187,9 +192,9 @@ class PackedLoader:
         mine = self.state_dict()
         for name in ("seed", "global_batch_size", "drop_last", "num_samples", "fingerprint"):
             if state.get(name) != mine[name]:
-                raise ValueError(
+                raise LoaderError(
                     f"cannot resume the data position: the checkpoint has {name}={state.get(name)!r}, this run "
-                    f"{mine[name]!r}; use the checkpoint's shard set and train.data settings, or start a new run"
+                    f"{mine[name]!r}; use the checkpoint's shard set and train settings (seed, global_batch_size), or start a new run"
                 )
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:

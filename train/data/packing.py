@@ -47,11 +47,13 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import UserError
+
 from train.data.config import DataConfig
 from train.data.reader import SampleTable
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(UserError, ValueError):
     """A sample that cannot fit one micro-batch on its own."""
 
 
@@ -211,7 +213,7 @@ def check_fits(table: SampleTable, cfg: DataConfig) -> None:
         worst = ", ".join(f"{table.keys[i]} ({table.num_tokens[i]} tokens)" for i in too_long[:5])
         raise SampleTooLongError(
             f"{too_long.size} sample(s) exceed max_tokens_per_gpu={cfg.max_tokens_per_gpu}: {worst}. Raise "
-            f"train.data.max_tokens_per_gpu to at least {int(table.num_tokens.max())}, or preprocess again "
+            f"train.max_tokens_per_gpu to at least {int(table.num_tokens.max())}, or preprocess again "
             f"with preprocess.max_tokens={cfg.max_tokens_per_gpu} to reject them"
         )
     if cfg.max_patches_per_gpu is not None:
@@ -220,7 +222,7 @@ def check_fits(table: SampleTable, cfg: DataConfig) -> None:
             worst = ", ".join(f"{table.keys[i]} ({table.num_patches[i]} patches)" for i in too_big[:5])
             raise SampleTooLongError(
                 f"{too_big.size} sample(s) exceed max_patches_per_gpu={cfg.max_patches_per_gpu}: {worst}. Raise "
-                f"train.data.max_patches_per_gpu to at least {int(table.num_patches.max())}, or lower "
+                f"train.max_patches_per_micro_batch to at least {int(table.num_patches.max())}, or lower "
                 "model.max_pixels when preprocessing"
             )
 
