@@ -24,6 +24,14 @@ def geo3k(*args: str, cwd: Path, threads: int = 2) -> subprocess.CompletedProces
     return proc
 
 
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> training loss, from a run folder's metrics.jsonl."""
+    import json
+
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the processor cache of the tests out of the user's home."""

@@ -35,14 +35,14 @@ def _worker(rank: int, world: int, port: int, root: str, queue) -> None:
         from megatron.core import parallel_state
 
         from tests.megatron_cpu import CPU_OVERRIDES
-        from train.models import convert
+        from train.models import convert, load_hf_config
         from train.models.qwen_vl import build_model
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
         results = {}
         for family in FAMILIES:
             ckpt = os.path.join(root, family)
-            cfg = convert.load_hf_config(ckpt)
+            cfg = load_hf_config(str(ckpt))
             overrides = dict(CPU_OVERRIDES, tensor_model_parallel_size=world)
             model = build_model(cfg, **overrides).eval()
             convert.load_hf_checkpoint(model, ckpt, tp_rank=rank, tp_size=world)

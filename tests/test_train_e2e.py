@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, geo3k
+from tests.conftest import train_losses as losses
 
 STEPS = 20
 
@@ -33,11 +34,6 @@ def train_args(demo_shards: Path, out: Path, *extra: str) -> list[str]:
         "--set", "train.eval_samples=2",
         *extra,
     ]
-
-
-def losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, geo3k
+from tests.conftest import train_losses as losses
 
 STEPS = 20
 
@@ -44,11 +45,6 @@ def train_args(demo_shards: Path, init: Path, out: Path, *extra: str) -> list[st
 def fsdp_2proc(demo_shards: Path, init: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     # one thread per process: the 2 processes fill 2 cores, and a resumed run repeats the same kernels exactly
     return geo3k(*train_args(demo_shards, init, out, "--backend", "fsdp", "--nproc", "2", *extra), cwd=out.parent, threads=1)
-
-
-def losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")

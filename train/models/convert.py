@@ -332,16 +332,12 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_config(path: str | os.PathLike):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path))
-
-
 def load_hf_checkpoint(model, name_or_path: str, *, tp_rank: int = 0, tp_size: int = 1) -> None:
     """Loads a transformers checkpoint (directory or hub id) into `model`, this rank's shard."""
+    from train.models import load_hf_config
+
     path = resolve_checkpoint_dir(name_or_path)
-    hf_config = load_hf_config(path)
+    hf_config = load_hf_config(str(path))
     full = hf_to_megatron(read_safetensors_dir(path), hf_config)
     shard = split_tensor_parallel(full, tp_size, hf_config)[tp_rank] if tp_size > 1 else full
     load_megatron_state(model, shard)
