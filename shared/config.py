@@ -196,6 +196,8 @@ class TrainConfig:
     """bf16 weights and activations with fp32 master weights in the optimizer; false trains in fp32."""
     recompute: str = "none"
     """Activation recomputation: none, selective (attention core) or full (every layer)."""
+    fused_kernels: bool = True
+    """On GPUs, compile RMSNorm, RoPE and SwiGLU into fused kernels (torch.compile; train/models/fused.py)."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False

@@ -52,6 +52,7 @@ from shared.config import TrainConfig
 from shared.errors import UserError
 from train.distributed import World
 from train.engine_megatron import build_adamw
+from train.models.vision import run_vision
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024
@@ -136,7 +137,7 @@ def _vision(core, pixel_values, image_grid_thw):
     Called directly rather than through get_image_features / the model's forward: their signatures and
     return types differ across transformers 5.x (5.17 has no `mm_encoder_outputs`, and a kwarg it does not
     know is silently dropped: the images would never reach the language model)."""
-    out = core.visual(pixel_values.to(core.visual.dtype), grid_thw=image_grid_thw, return_dict=True)
+    out = run_vision(core.visual, pixel_values.to(core.visual.dtype), image_grid_thw)
     return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
 

@@ -151,6 +151,13 @@ class MegatronEngine:
             use_cpu_initialization=not self.cuda,
             perform_initialization=init_from is None,
         )
+        from train.models import fused
+
+        # torch.compile'd norm/RoPE (ours) and SwiGLU (Megatron's bias_activation_fusion, plain torch) on GPUs;
+        # the CPU path stays eager and exact (and needs no compiler).
+        use_fused = cfg.fused_kernels and self.cuda
+        fused.set_enabled(use_fused)
+        overrides["bias_activation_fusion"] = use_fused
         if cfg.recompute == "full":
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         elif cfg.recompute == "selective":
@@ -231,6 +238,8 @@ class MegatronEngine:
             mb.pixel_values,
             mb.image_grid_thw,
             mb.labels if labels else None,
+            loss_index=mb.loss_positions if labels else None,
+            image_index=mb.image_positions if mb.num_images else None,
         )
 
     @torch.no_grad()

@@ -10,8 +10,11 @@ The layout is the contract with train/models/qwen_vl.py (`model(**batch.model_in
                                    mixes it with a sample
     max_seqlen     int             the longest segment
     pixel_values   float [N, C*Tp*P*P]  normalised like the processor, images in order of appearance
-    image_grid_thw int64 [I, 3]
+    image_grid_thw int64 [I, 3]    stays on the host in `.to(device)`: the vision encoder's index arithmetic
+                                   (per-image Python loops in transformers) reads it there without a GPU sync
     cu_patches     int32 [I+1]     per-image patch boundaries for the vision encoder
+    loss_positions int64 [n]       where labels != -100, and image_positions where input_ids is the image
+                                   token: computed here so the model needs no `nonzero()` (a host sync) per step
 
 Why the host holds uint8 patches: float32 `pixel_values` repeat every frame Tp=2 times at 4 bytes a value, 8x
 the uint8 patch bytes (a full 4096-token Geo3K micro-batch: ~90 MB of float32 vs ~11 MB of uint8). The
@@ -55,6 +58,10 @@ class PackedBatch:
     """Tokens of samples, padding excluded."""
     keys: list[str] = field(default_factory=list)
     """Sample keys in packing order (one per real segment of cu_seqlens)."""
+    loss_positions: torch.Tensor | None = None
+    """int64 [n]: positions with a label (labels != -100), ascending."""
+    image_positions: torch.Tensor | None = None
+    """int64 [num image tokens]: positions of the image placeholder tokens, ascending."""
     _pixel_values: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -92,8 +99,11 @@ class PackedBatch:
             "labels": self.labels,
         }
 
-    def _map(self, fn) -> "PackedBatch":
-        names = ("input_ids", "position_ids", "labels", "cu_seqlens", "patches", "image_grid_thw", "cu_patches", "pixel_offset", "pixel_scale")
+    _TENSORS = ("input_ids", "position_ids", "labels", "cu_seqlens", "patches", "image_grid_thw", "cu_patches",
+                "pixel_offset", "pixel_scale", "loss_positions", "image_positions")
+
+    def _map(self, fn, skip: tuple[str, ...] = ()) -> "PackedBatch":
+        names = [n for n in self._TENSORS if n not in skip and getattr(self, n) is not None]
         return replace(self, **{n: fn(getattr(self, n)) for n in names}, keys=list(self.keys), _pixel_values=None)
 
     def pin_memory(self) -> "PackedBatch":
@@ -101,8 +111,9 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False, pixel_dtype: torch.dtype | None = None) -> "PackedBatch":
-        """Copy to `device` and normalise the pixels there (then cast to pixel_dtype, e.g. the model's bf16)."""
-        out = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """Copy to `device` and normalise the pixels there (then cast to pixel_dtype, e.g. the model's bf16).
+        image_grid_thw stays where it is (the host): see the module docstring."""
+        out = self._map(lambda t: t.to(device, non_blocking=non_blocking), skip=("image_grid_thw",))
         if out.num_patches:
             pv = out.pixel_values
             out._pixel_values = pv if pixel_dtype is None else pv.to(pixel_dtype)
@@ -198,4 +209,6 @@ def pack_samples(samples: list[Sample], spec: PackingSpec) -> PackedBatch:
         num_loss_tokens=num_loss,
         num_real_tokens=real,
         keys=[s.key for s in samples],
+        loss_positions=torch.from_numpy(np.flatnonzero(labels != IGNORE_INDEX)),
+        image_positions=torch.from_numpy(np.flatnonzero(input_ids == spec.image_token_id)),
     )

@@ -27,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from train.models import fused
+
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 # Forces one backend (e.g. GEO3K_ATTN_BACKEND=sdpa) to compare kernels or to work around a broken one.
@@ -160,9 +162,9 @@ class VarlenCoreAttention(torch.nn.Module):
     """Megatron-Core `core_attention` submodule over packed sequences.
 
     Plugged in through `SelfAttentionSubmodules(core_attention=VarlenCoreAttention)`. The model passes
-    `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=..., max_seqlen_q=...)`: the "sbhd" format keeps
-    Megatron's rotary embedding per token (our M-RoPE frequencies are per token, not per segment
-    offset), while the cu_seqlens reach this module. Query/key/value arrive as [T, 1, heads, dim]
+    `QwenPackedSeqParams(qkv_format="sbhd", cu_seqlens_q=..., max_seqlen_q=..., rope_cos=..., rope_sin=...)`:
+    "sbhd" makes Megatron treat the packed sequence as one batch row, the cu_seqlens mark the samples, and
+    q/k are rotated here with the per-token M-RoPE cos/sin (when given) before attention. Query/key/value arrive as [T, 1, heads, dim]
     (batch dimension 1) with this rank's share of heads; the output is [T, 1, heads * dim].
     """
 
@@ -209,6 +211,12 @@ class VarlenCoreAttention(torch.nn.Module):
         if query.dim() == 4:
             assert query.shape[1] == 1, "packed input has batch dimension 1"
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        cos = getattr(packed_seq_params, "rope_cos", None)
+        if cos is not None:
+            # RoPE here rather than in Megatron's attention (the model builds GPTModel without it): one
+            # fused kernel per tensor with cos/sin shared by all layers (train/models/fused.py).
+            sin = packed_seq_params.rope_sin
+            query, key = fused.rope(query, cos, sin), fused.rope(key, cos, sin)
         out = varlen_attention(
             query, key, value,
             packed_seq_params.cu_seqlens_q,

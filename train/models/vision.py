@@ -66,6 +66,47 @@ class VisionTower(torch.nn.Module):
         return self.model.patch_embed.proj.weight.dtype
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
-        out = self.model(pixel_values.to(self.dtype), grid_thw=image_grid_thw, return_dict=True)
+        out = run_vision(self.model, pixel_values.to(self.dtype), image_grid_thw)
         deepstack = list(getattr(out, "deepstack_features", None) or [])
         return VisionOutput(image_embeds=out.pooler_output, deepstack_embeds=deepstack)
+
+
+def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    """`visual(pixel_values, grid_thw=...)` with the grid-derived index tensors computed on the host.
+
+    The transformers vision modules derive cu_seqlens, rotary positions, the position-grid interpolation
+    (Qwen3-VL) and the window order (Qwen2.5-VL) from grid_thw with per-image Python loops, `.tolist()`
+    and `.item()`: a dozen GPU syncs per micro-batch when grid_thw lives on the GPU, and one more per
+    ViT block for max_seqlen. transformers.vision_utils computes each of them by the same function the
+    module calls and lets the caller pass them in (the module pops them from its kwargs), so here they
+    are computed from a host copy of the grid and shipped to the device. The data path keeps
+    image_grid_thw on the host for this (train/data/batch.py); a GPU grid costs one sync here.
+    """
+    device = pixel_values.device
+    try:
+        from transformers import vision_utils as vu
+        from transformers.utils.generic import get_max_seqlen
+    except ImportError:  # a transformers without precomputable vision inputs: let the module derive them
+        return visual(pixel_values, grid_thw=grid_thw.to(device), return_dict=True)
+    grid = grid_thw.cpu()
+    cfg = visual.config
+    kw: dict = {}
+    cu_seqlens, kw["max_seqlen"] = vu.get_vision_attention_seqlens(grid, cfg)
+    kw["cu_seqlens"] = cu_seqlens.to(device)
+    kw["position_ids"] = vu.get_vision_position_ids(grid, visual.spatial_merge_size).to(device)
+    if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: learned position grid resampled per image
+        idx, weights = vu.get_vision_interpolation_indices_and_weights(
+            grid,
+            num_grid_per_side=visual.num_grid_per_side,
+            mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners,
+            spatial_merge_size=cfg.spatial_merge_size,
+        )
+        kw["interp_indices"], kw["interp_weights"] = idx.to(device), weights.to(device)
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: window attention in most blocks
+        window_index, cu_window = vu.get_vision_window_index(
+            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        kw["max_window_seqlen"] = get_max_seqlen(cu_window, cfg)
+        kw["window_index"], kw["cu_window_seqlens"] = window_index.to(device), cu_window.to(device)
+    return visual(pixel_values, grid_thw=grid, return_dict=True, **kw)

@@ -1,0 +1,70 @@
+"""Fused element-wise kernels of the language model: Qwen's RMSNorm and rotary embedding (RoPE).
+
+Why: written as plain PyTorch, one RMSNorm is ~8 kernels forward and ~14 backward (cast, square, mean,
+rsqrt, scale, cast back, weight), and RoPE another ~15 per layer for q and k. The Qwen3-VL-2B profile
+(docs/perf-notes.md) spent ~0.5 s of a 1.2 s step in such kernels and ~0.4 s more waiting on the CPU to
+launch ~25k of them. `torch.compile` turns each function below into one kernel forward and one or two
+backward (Inductor generates the backward through AOTAutograd), at the cost of a compile on first use
+(seconds; `dynamic=True`, so each new packed length reuses it).
+
+The functions are the reference arithmetic of transformers' Qwen models; on CPU, in float32, or with
+GEO3K_FUSED=0 they run eagerly and give exactly the unfused results (the CPU tests compare against
+transformers with that path). Compiled, Inductor keeps float32 inside the kernel and rounds once at
+the end, so bf16 outputs can differ from the eager ones by an ulp: the same size as the difference
+between any two bf16 implementations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_ENV = "GEO3K_FUSED"
+_enabled = os.environ.get(_ENV, "1") != "0"
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the compiled path on or off for this process (train.fused_kernels)."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def _use_compiled(t: torch.Tensor) -> bool:
+    # float32 stays eager: that is the exactness-checking path, and nothing in training runs it on GPU.
+    return _enabled and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen RMSNorm: normalise in float32, round to the input dtype, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
+    t1, t2 = t.chunk(2, dim=-1)
+    return torch.cat((-t2, t1), dim=-1)
+
+
+def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE with cos/sin already in t's dtype (transformers' apply_rotary_pos_emb)."""
+    return t * cos + rotate_half(t) * sin
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _use_compiled(x):
+        return _compiled(rms_norm_reference)(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _use_compiled(t):
+        return _compiled(rope_reference)(t, cos, sin)
+    return rope_reference(t, cos, sin)
