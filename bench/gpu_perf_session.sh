@@ -7,6 +7,7 @@ OUT=${OUT:-/tmp/geo3k-gpu}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}  # any recompile of the fused kernels shows in the log, with its reason
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git log -1 --format='commit %H' 2>/dev/null | tee -a "$OUT/gpu.txt"
 timeout ${BENCH_TIMEOUT:-560} $PY bench/bench_throughput.py --shards ${SHARDS:-.cache/bench/geo3k-like-512} --steps 8 --warmup 3 \

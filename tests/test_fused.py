@@ -102,3 +102,37 @@ def test_megatron_fused_swiglu_model_matches_transformers(tmp_path):
     with torch.no_grad():
         out = model(**fx.pack([sample], [pos]))
     assert float((out - ref).abs().max()) <= 1e-4
+
+
+def test_new_packed_lengths_reuse_the_compiled_kernels(monkeypatch):
+    """Each packed micro-batch has a new length; the compiled path must not build a graph per length (past
+    torch's recompile limit a fullgraph function fails: that stopped the first H200 run of the dynamic=True
+    version within three steps). After the first micro-batch, no new graph."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    from tests import models_fixtures as fx
+    from tests.megatron_cpu import CPU_OVERRIDES, init_megatron_cpu
+    from train.models.qwen_vl import build_model
+
+    monkeypatch.setattr(fused, "_use_compiled", lambda t: t.dtype == torch.bfloat16)  # the GPU path, on CPU
+    init_megatron_cpu()
+    torch.manual_seed(0)
+    cfg = fx.tiny_config("qwen3_vl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = fx.hf_model_class("qwen3_vl")(cfg).eval()  # before build_model: only for the M-RoPE positions
+    model = build_model(cfg, **dict(CPU_OVERRIDES, perform_initialization=True, bf16=True, params_dtype=torch.bfloat16))
+    samples = [fx.make_sample(i, [(1, 4, 6)] if i % 2 else [(1, 8, 8)], num_text=(5 + i, 3 + i)) for i in range(4)]
+    graphs = []
+    for n in range(1, 5):
+        batch = fx.pack(samples[:n], [fx.rope_positions(hf, s) for s in samples[:n]])
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        labels = torch.roll(batch["input_ids"], -1)
+        labels[-1] = -100
+        loss = model(**batch, labels=labels)
+        assert torch.isfinite(loss).all()
+        loss.sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[-1] == graphs[0], f"graphs compiled after each micro-batch: {graphs}"

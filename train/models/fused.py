@@ -5,7 +5,7 @@ rsqrt, scale, cast back, weight), and RoPE another ~15 per layer for q and k. Th
 (docs/perf-notes.md) spent ~0.5 s of a 1.2 s step in such kernels and ~0.4 s more waiting on the CPU to
 launch ~25k of them. `torch.compile` turns each function below into one kernel forward and one or two
 backward (Inductor generates the backward through AOTAutograd), at the cost of a compile on first use
-(seconds; `dynamic=True`, so each new packed length reuses it).
+(seconds; the token dimension is dynamic, so each new packed length reuses it).
 
 The functions are the reference arithmetic of transformers' Qwen models; on CPU, in float32, or with
 GEO3K_FUSED=0 they run eagerly and give exactly the unfused results (the CPU tests compare against
@@ -53,18 +53,38 @@ def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return t * cos + rotate_half(t) * sin
 
 
+# Each distinct (rank, static sizes, strides, grad mode) of an input is a separate compiled graph; past
+# torch._dynamo's recompile limit (8) a fullgraph function fails. Megatron hands the norms views of several
+# layouts (the QKV split, the [s, b, h] transpose), whose strides depend on the length: guarded, so one new
+# graph per length. Hence the inputs below are made contiguous with only the token dimension dynamic, which
+# leaves one graph per hidden size and grad mode (about 8 in all: norms of width hidden and head_dim, RoPE
+# for the query and key head counts, each with and without grad).
+_RECOMPILE_LIMIT = 32
+
+
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _tokens_dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_compiled(x):
-        return _compiled(rms_norm_reference)(x, weight, eps)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens * heads, width]
+        _tokens_dynamic(x2)
+        return _compiled(rms_norm_reference)(x2, weight, eps).view(x.shape)
     return rms_norm_reference(x, weight, eps)
 
 
 def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t [T, heads, D]; cos, sin [T, 1, D]."""
     if _use_compiled(t):
+        t, cos, sin = t.contiguous(), cos.contiguous(), sin.contiguous()
+        _tokens_dynamic(t, cos, sin)
         return _compiled(rope_reference)(t, cos, sin)
     return rope_reference(t, cos, sin)
