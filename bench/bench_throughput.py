@@ -21,6 +21,7 @@ Variants, all on the same shard set (Geo3K-like lengths: 86-636 tokens, ~80% ima
                    weights (Float16Module, Megatron DDP, distributed optimizer). --recompute picks the
                    activation recomputation; a comma list runs one row per value.
   megatron-fwdbwd  the same engine with the optimizer replaced by a no-op: forward + backward + grad buffers
+  megatron-unfused the Megatron engine with train.fused_kernels=false (eager norm/RoPE/SwiGLU), to measure them
                    only, no fp32 master weights or Adam state (6 instead of 18 bytes per parameter). It runs on
                    its own when a preset's full training state cannot fit the card (8B on any single card, 4B
                    on 80 GB), so those presets still get a compute throughput; not a training speed.
@@ -64,7 +65,7 @@ sys.path.insert(0, str(REPO))
 GIB = 2**30
 # Megatron bf16 training state per parameter on one GPU: bf16 weight 2 + fp32 grad buffer 4 (grad_reduce_in_fp32)
 # + fp32 master weight 4 + Adam moments 8; without the optimizer (megatron-fwdbwd): 2 + 4.
-STATE_BYTES = {"megatron": 18, "megatron-fwdbwd": 6, "fsdp": 16, "baseline": 8}
+STATE_BYTES = {"megatron": 18, "megatron-unfused": 18, "megatron-fwdbwd": 6, "fsdp": 16, "baseline": 8}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -258,7 +259,10 @@ def profile_step(r: Result, device: torch.device, next_batch, to_device, train_s
     r.profile_top = [{"op": e.key[:120], "self_ms": getattr(e, key, 0) / 1e3, "share": getattr(e, key, 0) / total, "calls": e.count}
                      for e in events[:15]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {r.preset} / {r.variant}: one step, sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=60))
+    # The second table finds host-side cost (launch overhead, syncs such as cudaStreamSynchronize, Python-level
+    # autograd and compiled-function wrappers), which the device-time table cannot show.
+    path.write_text(f"# {r.preset} / {r.variant}: one step, sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=60)
+                    + "\n\n# the same step, sorted by self CPU time\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     print(f"  profile: {path} (top: " + ", ".join(f"{x['op'][:40]} {x['share']:.0%}" for x in r.profile_top[:3]) + ")", flush=True)
 
 
@@ -458,6 +462,7 @@ def run_engine(r: Result, variant: str, hf_config, args, device: torch.device, w
         backend="fsdp" if variant == "fsdp" else "megatron",
         random_init=True, global_batch_size=args.global_batch_size, max_tokens_per_gpu=args.max_tokens,
         bf16=device.type == "cuda", recompute=recompute, num_workers=args.num_workers, seed=args.seed,
+        fused_kernels=variant != "megatron-unfused",
     )
     t = time.perf_counter()
     with no_optimizer(variant == "megatron-fwdbwd"):

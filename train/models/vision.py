@@ -83,6 +83,8 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
     image_grid_thw on the host for this (train/data/batch.py); a GPU grid costs one sync here.
     """
     device = pixel_values.device
+    # non_blocking: from pageable memory torch otherwise synchronises the stream after each copy (the
+    # staging copy happens before the call returns, so the host tensors may go out of scope right away).
     try:
         from transformers import vision_utils as vu
         from transformers.utils.generic import get_max_seqlen
@@ -92,8 +94,8 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
     cfg = visual.config
     kw: dict = {}
     cu_seqlens, kw["max_seqlen"] = vu.get_vision_attention_seqlens(grid, cfg)
-    kw["cu_seqlens"] = cu_seqlens.to(device)
-    kw["position_ids"] = vu.get_vision_position_ids(grid, visual.spatial_merge_size).to(device)
+    kw["cu_seqlens"] = cu_seqlens.to(device, non_blocking=True)
+    kw["position_ids"] = vu.get_vision_position_ids(grid, visual.spatial_merge_size).to(device, non_blocking=True)
     if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: learned position grid resampled per image
         idx, weights = vu.get_vision_interpolation_indices_and_weights(
             grid,
@@ -102,11 +104,11 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
             align_corners=visual.interpolation_align_corners,
             spatial_merge_size=cfg.spatial_merge_size,
         )
-        kw["interp_indices"], kw["interp_weights"] = idx.to(device), weights.to(device)
+        kw["interp_indices"], kw["interp_weights"] = idx.to(device, non_blocking=True), weights.to(device, non_blocking=True)
     if hasattr(visual, "window_size"):  # Qwen2.5-VL: window attention in most blocks
         window_index, cu_window = vu.get_vision_window_index(
             grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
         )
         kw["max_window_seqlen"] = get_max_seqlen(cu_window, cfg)
-        kw["window_index"], kw["cu_window_seqlens"] = window_index.to(device), cu_window.to(device)
+        kw["window_index"], kw["cu_window_seqlens"] = window_index.to(device, non_blocking=True), cu_window.to(device, non_blocking=True)
     return visual(pixel_values, grid_thw=grid, return_dict=True, **kw)
