@@ -249,7 +249,8 @@ def profile_step(r: Result, device: torch.device, next_batch, to_device, train_s
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    stacks = os.environ.get("GEO3K_PROFILE_STACKS") == "1"  # where the host syncs come from (slower profile)
+    with profile(activities=acts, with_stack=stacks) as prof:
         host = next_batch()
         train_step(host, to_device(host))
         sync(device)
@@ -263,6 +264,14 @@ def profile_step(r: Result, device: torch.device, next_batch, to_device, train_s
     # autograd and compiled-function wrappers), which the device-time table cannot show.
     path.write_text(f"# {r.preset} / {r.variant}: one step, sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=60)
                     + "\n\n# the same step, sorted by self CPU time\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    if stacks:
+        wanted = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaHostAlloc", "aten::item", "aten::nonzero", "cudaDeviceSynchronize")
+        found = [e for e in prof.key_averages(group_by_stack_n=14) if e.key in wanted]
+        found.sort(key=lambda e: e.count, reverse=True)
+        with path.open("a") as f:
+            f.write("\n\n# host syncs and copies by Python stack (GEO3K_PROFILE_STACKS=1)\n")
+            for e in found[:25]:
+                f.write(f"\n{e.key} x{e.count} ({e.cpu_time_total / 1e3:.1f} ms)\n" + "".join(f"    {fr}\n" for fr in e.stack))
     print(f"  profile: {path} (top: " + ", ".join(f"{x['op'][:40]} {x['share']:.0%}" for x in r.profile_top[:3]) + ")", flush=True)
 
 

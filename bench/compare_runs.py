@@ -1,11 +1,11 @@
 """Compare the losses and speed of training runs on the same data (the multi-GPU session's report).
 
-    python bench/compare_runs.py RUNS_ROOT one dp2 tp2sp [...]
+    python bench/compare_runs.py RUNS_ROOT one dp2:2 tp2sp:2 [...]
 
-Reads RUNS_ROOT/<name>/metrics.jsonl; the first run is the reference. Prints per-step losses, the largest
-relative difference of each run from the reference, median tokens/s after the first two steps, and the
-scaling efficiency of each run against the reference (tokens/s ratio divided by its GPU count, which is
-read from the run's config: tensor_parallel x data-parallel processes as logged).
+Reads RUNS_ROOT/<name>/metrics.jsonl; the first run is the reference. `name:N` says the run used N GPUs
+(default 1). Prints per-step losses, the largest relative difference of each run from the reference, median
+tokens/s after the first two steps, and the scaling efficiency against the reference: tokens/s per GPU
+divided by the reference's tokens/s per GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def load(path: Path) -> dict[int, dict]:
 
 
 def main() -> None:
-    root, names = Path(sys.argv[1]), sys.argv[2:]
+    root = Path(sys.argv[1])
+    gpus = {a.split(":")[0]: int(a.split(":")[1]) if ":" in a else 1 for a in sys.argv[2:]}
+    names = list(gpus)
     runs = {n: load(root / n / "metrics.jsonl") for n in names}
     ref = runs[names[0]]
     steps = sorted(set().union(*[set(r) for r in runs.values()]))
@@ -32,12 +34,14 @@ def main() -> None:
     print("|---" * (len(names) + 1) + "|")
     for s in steps:
         print(f"| {s} | " + " | ".join(f"{runs[n][s]['loss']:.4f}" if s in runs[n] else "" for n in names) + " |")
-    print("\n| run | steps | max rel. loss diff vs " + names[0] + " | median tokens/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | GPUs | steps | max rel. loss diff vs " + names[0] + " | median tokens/s | scaling efficiency | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    ref_later = [ref[s] for s in sorted(ref)[2:]] or list(ref.values())
+    ref_tps = statistics.median(x["tokens_per_s"] for x in ref_later) / gpus[names[0]] if ref else float("nan")
     for n in names:
         r = runs[n]
         if not r:
-            print(f"| {n} | 0 | (no metrics) | | | |")
+            print(f"| {n} | {gpus[n]} | 0 | (no metrics) | | | | |")
             continue
         common = [s for s in r if s in ref]
         diff = max((abs(r[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in common), default=float("nan"))
@@ -45,7 +49,8 @@ def main() -> None:
         tps = statistics.median(x["tokens_per_s"] for x in later)
         mfu = statistics.median(x.get("mfu") or 0 for x in later)
         mem = max(x.get("peak_mem_gib") or 0 for x in r.values())
-        print(f"| {n} | {len(r)} | {diff:.2e} | {tps:,.0f} | {100 * mfu:.1f}% | {mem:.1f} |")
+        eff = tps / gpus[n] / ref_tps
+        print(f"| {n} | {gpus[n]} | {len(r)} | {diff:.2e} | {tps:,.0f} | {eff:.1%} | {100 * mfu:.1f}% | {mem:.1f} |")
 
 
 if __name__ == "__main__":

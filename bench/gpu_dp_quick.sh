@@ -14,4 +14,4 @@ for run in "one 1" "dp2 2"; do
     --set train.output_dir=$W/$1 > $OUT/$1.log 2>&1
   echo "$1 rc=$?"; grep -E "^step|rror" $OUT/$1.log | tail -3
 done
-$PY bench/compare_runs.py $W one dp2 | tee $OUT/compare.md
+$PY bench/compare_runs.py $W one dp2:2 | tee $OUT/compare.md
