@@ -280,7 +280,24 @@ class MegatronEngine:
         load_megatron_state(self.inner, torch.load(path, map_location="cpu", weights_only=True))
         self.optimizer.load_state_dict(torch.load(ckpt / f"optim_{tag}.pt", map_location="cpu", weights_only=False))
         if self.cuda:
-            self.optimizer.load_parameter_state(str(ckpt / f"optim_params_{tag}.pt"))
+            self._load_parameter_state(ckpt / f"optim_params_{tag}.pt")
+
+    def _load_parameter_state(self, path: Path) -> None:
+        """Megatron's load_parameter_state, minus a KeyError it has without Apex/TE.
+
+        Without Apex/TE, Megatron's distributed optimizer runs torch.optim.AdamW, whose per-parameter state
+        holds a "step" tensor besides exp_avg/exp_avg_sq; load_state_dict (just above) puts it there. Then
+        load_parameter_state copies *every* key of that state from the file, which holds param, exp_avg and
+        exp_avg_sq only: KeyError 'step' (found by resuming a 2-GPU checkpoint on 1 H200). The steps are set
+        aside for the copy and put back; they equal the step restored by load_state_dict."""
+        inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        set_aside = [{p: st.pop("step") for p, st in opt.state.items() if "step" in st} for opt in inner]
+        try:
+            self.optimizer.load_parameter_state(str(path))
+        finally:
+            for opt, steps in zip(inner, set_aside):
+                for p, step in steps.items():
+                    opt.state[p]["step"] = step
 
 
 def merged_model_state(ckpt: Path, hf_config) -> dict[str, torch.Tensor]:
