@@ -280,24 +280,26 @@ class MegatronEngine:
         load_megatron_state(self.inner, torch.load(path, map_location="cpu", weights_only=True))
         self.optimizer.load_state_dict(torch.load(ckpt / f"optim_{tag}.pt", map_location="cpu", weights_only=False))
         if self.cuda:
-            self._load_parameter_state(ckpt / f"optim_params_{tag}.pt")
+            load_parameter_state(self.optimizer, ckpt / f"optim_params_{tag}.pt")
 
-    def _load_parameter_state(self, path: Path) -> None:
-        """Megatron's load_parameter_state, minus a KeyError it has without Apex/TE.
+def load_parameter_state(optimizer, path: Path) -> None:
+    """Megatron's `load_parameter_state` for its distributed optimizer without Apex/TE, minus two bugs there.
 
-        Without Apex/TE, Megatron's distributed optimizer runs torch.optim.AdamW, whose per-parameter state
-        holds a "step" tensor besides exp_avg/exp_avg_sq; load_state_dict (just above) puts it there. Then
-        load_parameter_state copies *every* key of that state from the file, which holds param, exp_avg and
-        exp_avg_sq only: KeyError 'step' (found by resuming a 2-GPU checkpoint on 1 H200). The steps are set
-        aside for the copy and put back; they equal the step restored by load_state_dict."""
-        inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
-        set_aside = [{p: st.pop("step") for p, st in opt.state.items() if "step" in st} for opt in inner]
-        try:
-            self.optimizer.load_parameter_state(str(path))
-        finally:
-            for opt, steps in zip(inner, set_aside):
-                for p, step in steps.items():
-                    opt.state[p]["step"] = step
+    Without Apex/TE the distributed optimizer runs torch.optim.AdamW, whose per-parameter state holds a "step"
+    tensor beside exp_avg/exp_avg_sq. Megatron's `load_state_dict` (called before this) puts one and the same
+    step tensor into every parameter's state, and `load_parameter_state` copies *every* state key from the
+    file, which holds param, exp_avg and exp_avg_sq only. So: (1) KeyError 'step'; (2) were it loaded, AdamW
+    increments the shared step once per parameter, giving each parameter a wrong Adam bias correction after
+    a resume. Both showed when a 2-GPU checkpoint was resumed on 1 H200 (docs/validation). Here the steps are
+    set aside for the copy and put back as one tensor per parameter."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    set_aside = [{p: st.pop("step") for p, st in opt.state.items() if "step" in st} for opt in inner]
+    try:
+        optimizer.load_parameter_state(str(path))
+    finally:
+        for opt, steps in zip(inner, set_aside):
+            for p, step in steps.items():
+                opt.state[p]["step"] = step.clone()
 
 
 def merged_model_state(ckpt: Path, hf_config) -> dict[str, torch.Tensor]:
