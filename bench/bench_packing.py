@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from shared.manifest import ShardSet, shard_name, write_index  # noqa: E402
 from shared.schema import Sample  # noqa: E402
-from train.data import DataConfig, SampleTable, build_loader, pack_samples, plan_epoch  # noqa: E402
+from train.data import DataConfig, SampleTable, build_loader, plan_epoch  # noqa: E402
 from train.data.packing import FlopsModel  # noqa: E402
 from train.data.reader import TarRecordReader  # noqa: E402
 

@@ -216,7 +216,7 @@ def time_steps(
 ) -> None:
     """Run warmup + steps steps. account(host batch) -> (real tokens, computed tokens, model FLOPs, micro-batches)."""
     tokens, computed, flops, n_mb = [], [], [], []
-    print(f"  steps (ms, data ms):", end="", flush=True)
+    print("  steps (ms, data ms):", end="", flush=True)
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()

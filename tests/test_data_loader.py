@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.manifest import ShardSet
-from shared.schema import normalize_patches
+from shared.schema import PixelSpec, normalize_patches
 from train.data import IGNORE_INDEX, DataConfig, SampleTooLongError, build_loader
 
 BUDGET = 1024  # demo samples are ~150-300 tokens: 3-6 per micro-batch
@@ -77,6 +77,26 @@ def test_labels_are_shifted_within_samples(train_dir, samples):
             assert (labels[mb.num_real_tokens :] == IGNORE_INDEX).all()
             assert (mb.position_ids[:, mb.num_real_tokens :] == torch.arange(mb.num_tokens - mb.num_real_tokens)).all()
             assert mb.num_loss_tokens == int((labels != IGNORE_INDEX).sum())
+
+
+def test_shipped_positions_and_host_grid(train_dir):
+    """loss_positions / image_positions spare the model a nonzero() per micro-batch; the grid stays on the host."""
+    processor = ShardSet(train_dir).processor
+    image_id = processor["special_ids"]["image_pad"]
+    merge = PixelSpec.from_dict(processor["pixel_spec"]).merge_size ** 2  # patches per image token
+    seen_images = 0
+    for step in build_loader(train_dir, cfg(num_epochs=1)):
+        for mb in step.micro_batches:
+            labels, ids = mb.labels.numpy(), mb.input_ids.numpy()
+            np.testing.assert_array_equal(mb.loss_positions.numpy(), np.flatnonzero(labels != IGNORE_INDEX))
+            np.testing.assert_array_equal(mb.image_positions.numpy(), np.flatnonzero(ids == image_id))
+            assert len(mb.loss_positions) == mb.num_loss_tokens
+            assert len(mb.image_positions) == int(mb.image_grid_thw.prod(dim=1).sum()) // merge
+            seen_images += mb.num_images
+            moved = mb.to("cpu")
+            assert moved.image_grid_thw is mb.image_grid_thw  # .to(device) leaves the grid where it is
+            assert torch.equal(moved.loss_positions, mb.loss_positions)
+    assert seen_images > 0
 
 
 def test_pixels_equal_the_numpy_reference(train_dir, samples):

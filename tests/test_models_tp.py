@@ -12,7 +12,6 @@ import os
 import socket
 import warnings
 
-import pytest
 import torch
 
 from tests import models_fixtures as fx
