@@ -9,6 +9,10 @@ Backends, picked per call by what is available (`select_backend`):
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
+- ``aten_flash`` (opt-in, GEO3K_ATTN_BACKEND=aten_flash; not yet measured): the same flash kernels as
+  ``torch_varlen``, called from a plain `autograd.Function`. The H200 profile put the largest host cost of a
+  step in the autograd node of `varlen_attn`'s custom op (1.5 ms of CPU per backward call); this skips it,
+  and uses the op's own `is_causal`. docs/perf-notes.md has the prediction; measure before making it default.
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from train.models import fused
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("flash_attn", "torch_varlen", "aten_flash", "sdpa")
 
 # Forces one backend (e.g. GEO3K_ATTN_BACKEND=sdpa) to compare kernels or to work around a broken one.
 _FORCE_ENV = "GEO3K_ATTN_BACKEND"
@@ -63,6 +67,7 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("flash_attn")
         if _torch_varlen() is not None:
             names.append("torch_varlen")
+        names.append("aten_flash")  # only when forced, until measured (see the module docstring)
     names.append("sdpa")
     return names
 
@@ -108,6 +113,8 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
         )
+    if backend == "aten_flash":
+        return _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "torch_varlen":
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
@@ -137,6 +144,36 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
             # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
             kwargs["window_size"] = (-1, 0)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+class _AtenFlashVarlen(torch.autograd.Function):
+    """aten's flash varlen forward/backward (what `varlen_attn` wraps) with a lean autograd node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+        if q.shape[1] != k.shape[1]:  # as in _torch_varlen_attention: one kv head per query head
+            rep = q.shape[1] // k.shape[1]
+            k, v = (t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2]) for t in (k, v))
+            ctx.rep = rep
+        else:
+            ctx.rep = 1
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, ctx.causal,
+            rng, unused, scale=ctx.scale,
+        )
+        if ctx.rep > 1:  # the expanded heads' gradients sum back onto their kv head
+            dk, dv = (t.view(t.shape[0], -1, ctx.rep, t.shape[2]).sum(2) for t in (dk, dv))
+        return dq, dk, dv, None, None, None, None
 
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
