@@ -122,6 +122,12 @@ def varlen_attention(
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
+def _repeat_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """[T, Hkv, D] -> [T, Hkv * rep, D], head h reading kv head h // rep. expand + reshape is one copy kernel;
+    `repeat_interleave` in its place made the H200 step 27% slower (docs/perf-notes.md)."""
+    return t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2])
+
+
 def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
     varlen_attn, params = _torch_varlen()
     kwargs = {}
@@ -133,10 +139,7 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:  # 2.10/2.11 need as many key/value heads as query heads: query head h reads kv head h // rep
-            rep = q.shape[1] // k.shape[1]
-            # expand + reshape is one copy kernel; repeat_interleave costs several times its CPU time
-            # (it showed as 5% of the host time of a CPU-bound step in the H200 profile)
-            k, v = (t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2]) for t in (k, v))
+            k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
     if causal:
         if "is_causal" in params:
             kwargs["is_causal"] = True
@@ -151,12 +154,9 @@ class _AtenFlashVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-        if q.shape[1] != k.shape[1]:  # as in _torch_varlen_attention: one kv head per query head
-            rep = q.shape[1] // k.shape[1]
-            k, v = (t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2]) for t in (k, v))
-            ctx.rep = rep
-        else:
-            ctx.rep = 1
+        ctx.rep = q.shape[1] // k.shape[1]  # as in _torch_varlen_attention: one kv head per query head
+        if ctx.rep > 1:
+            k, v = _repeat_kv(k, ctx.rep), _repeat_kv(v, ctx.rep)
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale
         )
