@@ -177,16 +177,15 @@ class _AtenFlashVarlen(torch.autograd.Function):
 
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
-    rep = q.shape[1] // k.shape[1]
+    if q.shape[1] != k.shape[1]:  # GQA: the same head mapping as the GPU backends (head h uses kv h // rep)
+        k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:  # zero-length windows occur in Qwen2.5-VL's window attention
             continue
-        # SDPA wants [heads, tokens, dim]; repeat_interleave matches GQA's grouping (head h uses kv h // rep).
-        qs = q[start:end].transpose(0, 1)
-        ks = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        # SDPA wants [heads, tokens, dim]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
         out[start:end] = o.transpose(0, 1)
     return out

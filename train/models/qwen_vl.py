@@ -114,7 +114,8 @@ def transformer_config_from_hf(hf_config, **overrides) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         mrope_section=section,
-        # Fusions need Apex/TE kernels we do not assume; the unfused paths are exact.
+        # Most fusions need Apex/TE kernels we do not assume; the unfused paths are exact. SwiGLU's fusion is
+        # plain torch.compile: the engine turns it on for GPUs (train.fused_kernels).
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
