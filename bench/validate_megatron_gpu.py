@@ -258,18 +258,30 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
     return passed
 
 
+def _attention_variants(device):
+    """(label, backend, environment) for every varlen backend here, aten_flash with both GQA modes."""
+    from train.models.attention import available_backends
+
+    for backend in available_backends(device, torch.bfloat16):
+        if backend == "aten_flash":
+            yield "aten_flash", backend, {"GEO3K_ATEN_FLASH_GQA": "native"}
+            yield "aten_flash/expand", backend, {"GEO3K_ATEN_FLASH_GQA": "expand"}
+        elif backend != "sdpa":
+            yield backend, backend, {}
+
+
 def kernel_check(device):
-    """Each available varlen backend vs the per-segment SDPA loop, bf16, forward and backward."""
-    from train.models.attention import available_backends, varlen_attention
+    """Each available varlen backend vs the per-segment SDPA loop, bf16, forward and backward; then each
+    backend's cost per call at the 2B model's shapes (host time to launch forward + backward, and GPU time)."""
+    from train.models.attention import varlen_attention
 
     out = ["\n## varlen kernels vs per-segment SDPA (bf16, 16 q heads / 8 kv heads, head_dim 128)"]
     g = torch.Generator(device=device).manual_seed(0)
     lens = [300, 517, 0, 1200, 64]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     T = sum(lens)
-    for backend in available_backends(device, torch.bfloat16):
-        if backend == "sdpa":
-            continue
+    for label, backend, env in _attention_variants(device):
+        os.environ.update(env)
         for causal in (True, False):
             try:
                 q = torch.randn(T, 16, 128, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
@@ -280,9 +292,50 @@ def kernel_check(device):
                 b = varlen_attention(q, k, v, cu, max(lens), causal=causal, backend="sdpa")
                 grads_b = torch.autograd.grad(b.float().square().sum(), (q, k, v))
                 gmax = max(rel(x, y) for x, y in zip(grads_a, grads_b))
-                out.append(f"{backend:>13} causal={causal!s:5}: out rel err {rel(a, b):.2e}, grad rel err {gmax:.2e}")
+                out.append(f"{label:>17} causal={causal!s:5}: out rel err {rel(a, b):.2e}, grad rel err {gmax:.2e}")
             except Exception as e:  # noqa: BLE001 - reported, the model run decides
-                out.append(f"{backend:>13} causal={causal!s:5}: ERROR {type(e).__name__}: {e}")
+                out.append(f"{label:>17} causal={causal!s:5}: ERROR {type(e).__name__}: {e}")
+        for key in env:
+            os.environ.pop(key)
+    out.extend(kernel_timing(device))
+    return out
+
+
+def kernel_timing(device, calls: int = 28):
+    """Per call, fwd + bwd: host ms (launch, no sync inside the loop) and GPU ms, at the LLM's shapes
+    (4,096 tokens in 8 samples, 16/8 heads of 128, causal) and the ViT's (16k patches in 8 images, 16 heads
+    of 64). A backend whose host time exceeds its GPU time keeps the GPU waiting in a host-bound step."""
+    from train.models.attention import varlen_attention
+
+    shapes = {"LLM": (4096, 16, 8, 128, True), "ViT": (16384, 16, 16, 64, False)}
+    out = [f"\n## varlen cost per call (bf16; {calls} calls of forward + backward, as the layers of one micro-batch)",
+           "| backend | shape | host ms / call | wall ms / call (host or GPU, the slower) |", "|---|---|---|---|"]
+    for label, backend, env in _attention_variants(device):
+        os.environ.update(env)
+        for name, (T, hq, hkv, d, causal) in shapes.items():
+            try:
+                cu = torch.arange(0, T + 1, T // 8, dtype=torch.int32, device=device)
+                q = torch.randn(T, hq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                k = torch.randn(T, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                v = torch.randn(T, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                grad = torch.randn(T, hq, d, device=device, dtype=torch.bfloat16)
+
+                def run(n):
+                    for _ in range(n):
+                        varlen_attention(q, k, v, cu, T // 8, causal=causal, backend=backend).backward(grad)
+
+                run(3)
+                sync(device)
+                t0 = time.perf_counter()
+                run(calls)
+                host = time.perf_counter() - t0
+                sync(device)
+                total = time.perf_counter() - t0
+                out.append(f"| {label} | {name} | {1e3 * host / calls:.3f} | {1e3 * total / calls:.3f} |")
+            except Exception as e:  # noqa: BLE001
+                out.append(f"| {label} | {name} | ERROR {type(e).__name__}: {e} | |")
+        for key in env:
+            os.environ.pop(key)
     return out
 
 

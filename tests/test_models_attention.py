@@ -96,14 +96,18 @@ def test_mrope_angles_equal_transformers(family, section):
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
 
 
+@pytest.mark.parametrize("gqa", ["expand", "native"])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_aten_flash_glue_with_a_stand_in_kernel(monkeypatch, num_kv_heads):
+def test_aten_flash_glue_with_a_stand_in_kernel(monkeypatch, num_kv_heads, gqa):
     """The opt-in aten_flash backend's autograd glue (argument order, saved tensors, the GQA expand and the sum
     of its gradients back onto the kv heads), with aten's CUDA-only flash ops replaced by the exact SDPA loop."""
     from train.models import attention
 
+    monkeypatch.setenv("GEO3K_ATEN_FLASH_GQA", gqa)
+
     def fake_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None):
-        assert q.shape[1] == k.shape[1], "the glue hands the kernel one kv head per query head"
+        # "expand" hands the kernel one kv head per query head; "native" leaves the grouping to the kernel
+        assert (q.shape[1] == k.shape[1]) == (gqa == "expand" or num_kv_heads == q.shape[1])
         out = attention._sdpa_loop(q, k, v, cu_q, causal, scale)
         return out, torch.zeros(1), torch.zeros(2), torch.zeros(0), torch.zeros(0)
 
@@ -112,9 +116,14 @@ def test_aten_flash_glue_with_a_stand_in_kernel(monkeypatch, num_kv_heads):
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             return torch.autograd.grad(attention._sdpa_loop(q, k, v, cu_q, causal, scale), (q, k, v), grad)
 
+    real_aten = torch.ops.aten
+
     class FakeAten:
         _flash_attention_forward = staticmethod(fake_forward)
         _flash_attention_backward = staticmethod(fake_backward)
+
+        def __getattr__(self, name):  # every other op stays real (torch's own code reaches for some)
+            return getattr(real_aten, name)
 
     monkeypatch.setattr(torch.ops, "aten", FakeAten())
     torch.manual_seed(1)

@@ -149,12 +149,25 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
+# FlashAttention-2 (what aten's flash ops are) takes fewer key/value heads than query heads itself and sums the
+# gradients of a kv head's query group inside its backward; "expand" hands it one kv head per query head, as
+# the torch_varlen path must. Both are checked against SDPA on the GPU by bench/validate_megatron_gpu.py.
+_ATEN_GQA_ENV = "GEO3K_ATEN_FLASH_GQA"
+
+
+def _aten_native_gqa() -> bool:
+    mode = os.environ.get(_ATEN_GQA_ENV, "native")
+    if mode not in ("native", "expand"):
+        raise ValueError(f"{_ATEN_GQA_ENV}={mode}: choose native (the kernel's own GQA) or expand")
+    return mode == "native"
+
+
 class _AtenFlashVarlen(torch.autograd.Function):
     """aten's flash varlen forward/backward (what `varlen_attn` wraps) with a lean autograd node."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-        ctx.rep = q.shape[1] // k.shape[1]  # as in _torch_varlen_attention: one kv head per query head
+        ctx.rep = 1 if _aten_native_gqa() else q.shape[1] // k.shape[1]
         if ctx.rep > 1:
             k, v = _repeat_kv(k, ctx.rep), _repeat_kv(v, ctx.rep)
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
