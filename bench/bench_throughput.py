@@ -49,6 +49,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -272,6 +273,20 @@ def profile_step(r: Result, device: torch.device, next_batch, to_device, train_s
             f.write("\n\n# host syncs and copies by Python stack (GEO3K_PROFILE_STACKS=1)\n")
             for e in found[:25]:
                 f.write(f"\n{e.key} x{e.count} ({e.cpu_time_total / 1e3:.1f} ms)\n" + "".join(f"    {fr}\n" for fr in e.stack))
+    if cuda:  # where the GPU waits, and which Python lines synchronise (bench/gpu_gaps.py)
+        sys.path.insert(0, str(REPO / "bench"))
+        import gpu_gaps
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            gaps = gpu_gaps.analyse(json.loads(Path(f"{tmp}/trace.json").read_text()))
+        with gpu_gaps.SyncSites() as sites:
+            host = next_batch()
+            train_step(host, to_device(host))
+            sync(device)
+        with path.open("a") as f:
+            f.write(f"\n\n# GPU idle gaps in the profiled step\n{gaps}\n\n# host syncs, one more step\n{sites.report()}\n")
+        print("  " + gaps.splitlines()[0], flush=True)
     print(f"  profile: {path} (top: " + ", ".join(f"{x['op'][:40]} {x['share']:.0%}" for x in r.profile_top[:3]) + ")", flush=True)
 
 
