@@ -63,6 +63,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shared.config import TrainConfig  # noqa: E402
+from train.gc_policy import TrainingGC  # noqa: E402
+
 GIB = 2**30
 # Megatron bf16 training state per parameter on one GPU: bf16 weight 2 + fp32 grad buffer 4 (grad_reduce_in_fp32)
 # + fp32 master weight 4 + Adam moments 8; without the optimizer (megatron-fwdbwd): 2 + 4.
@@ -91,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit-s", type=float, default=0,
                    help="start no new variant after this many seconds (0: no limit); keeps a device call inside its timeout")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gc-interval", type=int, default=TrainConfig.gc_interval,
+                   help="the trainer's garbage-collection policy (train.gc_interval); 0: Python's automatic collector")
     p.add_argument("--make-shards", type=int, metavar="N", default=None,
                    help="write N Geo3K-like samples to .cache/bench/geo3k-like-N (bench_packing's generator) and exit")
     args = p.parse_args(argv)
@@ -122,6 +127,9 @@ class Result:
     mfu: float | None = None
     peak_mem_gib: float | None = None
     data_wait_fraction: float | None = None
+    gc_ms_per_step: float | None = None
+    """Time in Python's garbage collector per timed step (a pause of the thread that launches GPU work)."""
+    gc_interval: int | None = None
     loss: float | None = None
     params_b: float | None = None
     profile_top: list[dict[str, Any]] = field(default_factory=list)
@@ -217,8 +225,22 @@ def time_steps(
 ) -> None:
     """Run warmup + steps steps. account(host batch) -> (real tokens, computed tokens, model FLOPs, micro-batches)."""
     tokens, computed, flops, n_mb = [], [], [], []
+    gc_s, gc_t0 = [0.0], [0.0]
+
+    def gc_timer(phase, info):  # gc.callbacks: called at the start and the end of every collection
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        elif gc_t0[0]:
+            gc_s[0] += time.perf_counter() - gc_t0[0]
+
+    # The trainer's garbage-collection policy (train/gc_policy.py), unless --gc-interval 0.
+    collector = TrainingGC(r.gc_interval or 0)
+    collector.__enter__()
+    gc.callbacks.append(gc_timer)
     print("  steps (ms, data ms):", end="", flush=True)
     for i in range(warmup + steps):
+        if i == warmup:
+            gc_s[0] = 0.0
         sync(device)
         t0 = time.perf_counter()
         host = next_batch()
@@ -236,6 +258,10 @@ def time_steps(
             a = account(host)
             tokens.append(a[0]), computed.append(a[1]), flops.append(a[2]), n_mb.append(a[3])
             r.loss = loss
+        collector.step_done(i + 1)
+    gc.callbacks.remove(gc_timer)
+    collector.__exit__()
+    r.gc_ms_per_step = 1e3 * gc_s[0] / max(1, steps)
     print(flush=True)
     if device.type == "cuda":
         r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / GIB
@@ -541,8 +567,8 @@ def markdown_table(results: list[Result], device_name: str) -> str:
         f"Device: {device_name}",
         "",
         "| preset | variant | status | step ms (median) | micro-batches / step | real tokens / step | real tokens/s | vs baseline "
-        "| real / computed tokens | model TFLOP/s | MFU | peak mem GiB | data wait | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| real / computed tokens | model TFLOP/s | MFU | peak mem GiB | data wait | GC ms / step | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, fmt):
@@ -555,7 +581,7 @@ def markdown_table(results: list[Result], device_name: str) -> str:
             f"| {r.preset} | {r.variant} | {status} | {f(r.step_ms_median, '.0f')} | {f(r.micro_batches_per_step, '.1f')} "
             f"| {f(r.real_tokens_per_step, ',.0f')} | {f(r.real_tokens_per_s, ',.0f')} | {ratio} | {f(r.real_fraction, '.1%')} "
             f"| {f(r.model_tflops, '.3g')} | {f(r.mfu, '.1%')} | {f(r.peak_mem_gib, '.1f')} | {f(r.data_wait_fraction, '.2%')} "
-            f"| {f(r.build_s, '.0f')} |"
+            f"| {f(r.gc_ms_per_step, '.1f')} | {f(r.build_s, '.0f')} |"
         )
     notes = [f"- {r.preset} {r.variant}: {r.note}" for r in results if r.note]
     return "\n".join(rows + ([""] + notes if notes else []))
@@ -658,7 +684,8 @@ def main(argv=None) -> None:
     while queue:
         preset, variant, recompute = queue.pop(0)
         label = variant if recompute == "none" else f"{variant}[recompute={recompute}]"
-        r = Result(preset=preset, variant=label)
+        # The plain baseline keeps Python's automatic collector: managing it is one of our levers.
+        r = Result(preset=preset, variant=label, gc_interval=0 if variant == "baseline" else args.gc_interval)
         results.append(r)
         print(f"\n## {preset} / {label}  (t = {time.perf_counter() - t_all:.0f} s)", flush=True)
         if args.time_limit_s and time.perf_counter() - t_all > args.time_limit_s:

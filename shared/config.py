@@ -198,6 +198,9 @@ class TrainConfig:
     """Activation recomputation: none, selective (attention core) or full (every layer)."""
     fused_kernels: bool = True
     """On GPUs, compile RMSNorm, RoPE and SwiGLU into fused kernels (torch.compile; train/models/fused.py)."""
+    gc_interval: int = 50
+    """Python's automatic garbage collection is off while training; a young-generation collection runs every
+    N steps instead (train/gc_policy.py: automatic collections stalled the GPU). 0 leaves Python's default."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
@@ -229,6 +232,7 @@ class TrainConfig:
         _check(0 < self.min_lr <= self.lr, f"{path}.min_lr", "must be > 0 and <= train.lr")
         _check(0 <= self.warmup_fraction < 1, f"{path}.warmup_fraction", "must be in [0, 1)")
         _check(self.recompute in ("none", "selective", "full"), f"{path}.recompute", "must be none, selective or full")
+        _check(self.gc_interval >= 0, f"{path}.gc_interval", "must be >= 0 (0: Python's automatic garbage collection)")
         _check(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1, f"{path}.tensor_parallel", "sizes must be >= 1")
         _check(
             not self.sequence_parallel or self.tensor_parallel > 1,

@@ -30,6 +30,7 @@ from train.data import DataConfig, PackingSpec, build_loader
 from train.distributed import World, barrier, destroy, init_distributed
 from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
 from train.flops import StepFlops, measure_peak_tflops
+from train.gc_policy import TrainingGC
 from train.metrics import MetricsLogger
 
 
@@ -268,59 +269,61 @@ class Trainer:
         last: dict[str, Any] = {}
         data_wait_total, step_time_total = 0.0, 0.0
         it = iter(self.loader)
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            try:
-                gstep = next(it)
-            except StopIteration:
-                break
-            mbs = [mb.to(dev, non_blocking=True, pixel_dtype=self.pixel_dtype) for mb in gstep.micro_batches]
-            t_data = time.perf_counter() - t0
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            lr = lr_at(self.step, self.total_steps, tc)
-            out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
-            flops = sum(self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in gstep.micro_batches)
-            stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
-            if dist.is_initialized() and w.world_size > 1:
-                from megatron.core import parallel_state
+        with TrainingGC(tc.gc_interval) as collector:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                try:
+                    gstep = next(it)
+                except StopIteration:
+                    break
+                mbs = [mb.to(dev, non_blocking=True, pixel_dtype=self.pixel_dtype) for mb in gstep.micro_batches]
+                t_data = time.perf_counter() - t0
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                lr = lr_at(self.step, self.total_steps, tc)
+                out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
+                flops = sum(self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in gstep.micro_batches)
+                stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
+                if dist.is_initialized() and w.world_size > 1:
+                    from megatron.core import parallel_state
 
-                stats = stats.to(dev)
-                dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-            loss = float(stats[0]) / max(1, gstep.num_loss_tokens)
-            self.step += 1
-            dt = time.perf_counter() - t0
-            data_wait_total += t_data
-            step_time_total += dt
-            if not math.isfinite(loss) or not out["ok"]:
-                where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
-                raise TrainError(
-                    f"loss is {loss} (grad norm {out['grad_norm']}) at step {self.step}: stopping; {where}. "
-                    "Lower train.lr or check the data with `geo3k inspect --verify`"
-                )
-            tflops = float(stats[1]) / dt / 1e12 / w.tp  # each TP group computes one DP share
-            mfu = (tflops / w.dp) / self.peak_tflops if self.peak_tflops else None
-            last = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(out["grad_norm"]),
-                "tokens_per_s": gstep.num_tokens / dt,
-                "samples_per_s": gstep.num_samples / dt,
-                "step_s": dt,
-                "data_wait_s": t_data,
-                "model_tflops_per_gpu": tflops / w.dp,
-                "mfu": mfu,
-                "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-                "epoch": gstep.epoch,
-            }
-            self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})
-            if tc.log_interval and (self.step % tc.log_interval == 0 or self.step == self.total_steps):
-                eta = (time.perf_counter() - t_start) / (self.step - start_step) * (self.total_steps - self.step)
-                self.say(MetricsLogger.line(self.step, self.total_steps, last, eta))
-            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < self.total_steps:
-                self.evaluate()
-            if tc.save_interval and self.step % tc.save_interval == 0 and self.step < self.total_steps:
-                self.say(f"saved {self.save()}")
+                    stats = stats.to(dev)
+                    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+                loss = float(stats[0]) / max(1, gstep.num_loss_tokens)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                data_wait_total += t_data
+                step_time_total += dt
+                if not math.isfinite(loss) or not out["ok"]:
+                    where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+                    raise TrainError(
+                        f"loss is {loss} (grad norm {out['grad_norm']}) at step {self.step}: stopping; {where}. "
+                        "Lower train.lr or check the data with `geo3k inspect --verify`"
+                    )
+                tflops = float(stats[1]) / dt / 1e12 / w.tp  # each TP group computes one DP share
+                mfu = (tflops / w.dp) / self.peak_tflops if self.peak_tflops else None
+                last = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(out["grad_norm"]),
+                    "tokens_per_s": gstep.num_tokens / dt,
+                    "samples_per_s": gstep.num_samples / dt,
+                    "step_s": dt,
+                    "data_wait_s": t_data,
+                    "model_tflops_per_gpu": tflops / w.dp,
+                    "mfu": mfu,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+                    "epoch": gstep.epoch,
+                }
+                self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})
+                if tc.log_interval and (self.step % tc.log_interval == 0 or self.step == self.total_steps):
+                    eta = (time.perf_counter() - t_start) / (self.step - start_step) * (self.total_steps - self.step)
+                    self.say(MetricsLogger.line(self.step, self.total_steps, last, eta))
+                if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < self.total_steps:
+                    self.evaluate()
+                if tc.save_interval and self.step % tc.save_interval == 0 and self.step < self.total_steps:
+                    self.say(f"saved {self.save()}")
+                collector.step_done(self.step)  # between steps, where a collection stalls nothing
         ev = self.evaluate()
         ckpt = self.save() if tc.save_last else self.last_checkpoint
         if tc.save_last:
