@@ -94,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit-s", type=float, default=0,
                    help="start no new variant after this many seconds (0: no limit); keeps a device call inside its timeout")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pin-memory", action="store_true", help="the packed loader without pinned host memory (its pin thread off)")
     p.add_argument("--gc-interval", type=int, default=TrainConfig.gc_interval,
                    help="the trainer's garbage-collection policy (train.gc_interval); 0: Python's automatic collector")
     p.add_argument("--make-shards", type=int, metavar="N", default=None,
@@ -523,7 +524,8 @@ def run_engine(r: Result, variant: str, hf_config, args, device: torch.device, w
         r.params_b = sum(p.numel() for p in model.parameters()) / 1e9  # this rank's share under sharding
     pixel_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = DataConfig(max_tokens_per_gpu=args.max_tokens, global_batch_size=args.global_batch_size,
-                     num_epochs=10_000, seed=args.seed, num_workers=args.num_workers)
+                     num_epochs=10_000, seed=args.seed, num_workers=args.num_workers,
+                     pin_memory=False if args.no_pin_memory else None)
     loader = build_loader(args.shards, cfg, world.dp_rank, world.dp)
     it = iter(loader)
     flops = StepFlops.from_hf_config(hf_config)
@@ -669,6 +671,8 @@ def main(argv=None) -> None:
     vers = versions()
     print(f"# bench_throughput on {device_name}" + (f", {card_gib(device):.0f} GiB" if device.type == "cuda" else ""))
     print("# " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    print(f"# host: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable, torch intra-op threads {torch.get_num_threads()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"# varlen attention backend (Megatron path, {str(dtype).split('.')[-1]}): {select_backend(device, dtype)}")
     peak = measure_peak_tflops(device) if device.type == "cuda" else cpu_peak_tflops()
     print(f"# measured matmul peak ({'bf16' if device.type == 'cuda' else 'fp32, CPU'}): {peak:.3g} TFLOP/s")
