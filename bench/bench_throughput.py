@@ -66,6 +66,9 @@ sys.path.insert(0, str(REPO))
 from shared.config import TrainConfig  # noqa: E402
 from train.gc_policy import TrainingGC  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from host_sampler import HostSampler  # noqa: E402
+
 GIB = 2**30
 # Megatron bf16 training state per parameter on one GPU: bf16 weight 2 + fp32 grad buffer 4 (grad_reduce_in_fp32)
 # + fp32 master weight 4 + Adam moments 8; without the optimizer (megatron-fwdbwd): 2 + 4.
@@ -238,10 +241,13 @@ def time_steps(
     collector = TrainingGC(r.gc_interval or 0)
     collector.__enter__()
     gc.callbacks.append(gc_timer)
+    sampler = HostSampler() if profile_to is not None and os.environ.get("GEO3K_SAMPLE_HOST") == "1" else None
     print("  steps (ms, data ms):", end="", flush=True)
     for i in range(warmup + steps):
         if i == warmup:
             gc_s[0] = 0.0
+            if sampler:
+                sampler.__enter__()
         sync(device)
         t0 = time.perf_counter()
         host = next_batch()
@@ -262,6 +268,11 @@ def time_steps(
         collector.step_done(i + 1)
     gc.callbacks.remove(gc_timer)
     collector.__exit__()
+    if sampler:  # where the launching threads spend the timed steps (bench/host_sampler.py), next to the profile
+        sampler.__exit__()
+        host_to = profile_to.with_name(profile_to.name.replace("-profile.txt", "-host.txt"))
+        host_to.write_text(sampler.report() + "\n")
+        print(f"\n  host sampler: {host_to}\n    " + "\n    ".join(sampler.report(8).splitlines()[4:12]), end="")
     r.gc_ms_per_step = 1e3 * gc_s[0] / max(1, steps)
     print(flush=True)
     if device.type == "cuda":
