@@ -13,6 +13,8 @@ tensor-parallel rank: all ranks see the same pixels and, in backward, the same g
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,17 @@ class VisionTower(torch.nn.Module):
         return VisionOutput(image_embeds=out.pooler_output, deepstack_embeds=deepstack)
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An asynchronous copy of a fresh host tensor. From pageable memory, CUDA stages copies of more than
+    ~64 KB by first waiting for the stream to drain: the host then waits for the previous micro-batch's
+    backward and starts this forward with an empty GPU queue (found by bench/host_sampler.py on an H200).
+    From pinned memory (torch's caching host allocator, which keeps the block until the copy is done), the copy
+    is queued and the host goes on launching."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
     """`visual(pixel_values, grid_thw=...)` with the grid-derived index tensors computed on the host.
 
@@ -83,8 +96,7 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
     image_grid_thw on the host for this (train/data/batch.py); a GPU grid costs one sync here.
     """
     device = pixel_values.device
-    # non_blocking: from pageable memory torch otherwise synchronises the stream after each copy (the
-    # staging copy happens before the call returns, so the host tensors may go out of scope right away).
+    to_device = functools.partial(_host_to_device, device=device)
     try:
         from transformers import vision_utils as vu
         from transformers.utils.generic import get_max_seqlen
@@ -94,8 +106,8 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
     cfg = visual.config
     kw: dict = {}
     cu_seqlens, kw["max_seqlen"] = vu.get_vision_attention_seqlens(grid, cfg)
-    kw["cu_seqlens"] = cu_seqlens.to(device, non_blocking=True)
-    kw["position_ids"] = vu.get_vision_position_ids(grid, visual.spatial_merge_size).to(device, non_blocking=True)
+    kw["cu_seqlens"] = to_device(cu_seqlens)
+    kw["position_ids"] = to_device(vu.get_vision_position_ids(grid, visual.spatial_merge_size))
     if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: learned position grid resampled per image
         idx, weights = vu.get_vision_interpolation_indices_and_weights(
             grid,
@@ -104,11 +116,11 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
             align_corners=visual.interpolation_align_corners,
             spatial_merge_size=cfg.spatial_merge_size,
         )
-        kw["interp_indices"], kw["interp_weights"] = idx.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+        kw["interp_indices"], kw["interp_weights"] = to_device(idx), to_device(weights)
     if hasattr(visual, "window_size"):  # Qwen2.5-VL: window attention in most blocks
         window_index, cu_window = vu.get_vision_window_index(
             grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
         )
         kw["max_window_seqlen"] = get_max_seqlen(cu_window, cfg)
-        kw["window_index"], kw["cu_window_seqlens"] = window_index.to(device, non_blocking=True), cu_window.to(device, non_blocking=True)
+        kw["window_index"], kw["cu_window_seqlens"] = to_device(window_index), to_device(cu_window)
     return visual(pixel_values, grid_thw=grid, return_dict=True, **kw)
