@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 # Functions a thread sits in while it waits (the main thread waits in _engine_run_backward while the autograd
-# engine's device thread runs the backward, sampled on its own).
+# engine's device thread runs the backward, sampled on its own; Inductor's compile-worker pool keeps a timer thread
+# and a pipe reader that wait there after warm-up: any frame of torch/_inductor/compile_worker counts as waiting).
 _IDLE = ("wait", "get", "sleep", "select", "poll", "accept", "recv", "_recv_bytes", "_poll", "acquire", "_engine_run_backward")
 
 
@@ -45,7 +46,7 @@ class HostSampler:
         me = threading.get_ident()
         while not self._stop.wait(self.interval_s):
             for tid, frame in sys._current_frames().items():
-                if tid == me or frame.f_code.co_name in _IDLE:
+                if tid == me or frame.f_code.co_name in _IDLE or "compile_worker" in frame.f_code.co_filename:
                     continue
                 seen = set()
                 top = _label(frame.f_code)

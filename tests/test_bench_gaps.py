@@ -49,3 +49,30 @@ def test_sync_sites_count_by_call_site():
     [(site, n)] = sites.sites.items()
     assert n == 3 and "syncing_caller" in site
     assert "3 synchronising CUDA calls" in sites.report()
+
+
+def test_host_sampler_finds_the_busy_function_and_skips_waiting_threads():
+    import threading
+    import time
+
+    from host_sampler import HostSampler
+
+    stop = threading.Event()
+    waiter = threading.Thread(target=stop.wait, daemon=True)  # a thread sitting in `wait`: not counted
+    waiter.start()
+
+    def busy_python_loop(seconds):
+        end = time.perf_counter() + seconds
+        x = 0
+        while time.perf_counter() < end:
+            x += 1
+        return x
+
+    with HostSampler(interval_s=0.002) as s:
+        busy_python_loop(0.3)
+    stop.set()
+    assert s.samples > 5
+    top, share = s.exclusive.most_common(1)[0]
+    assert top.endswith(":busy_python_loop") and share / s.samples > 0.8
+    assert not any(k.endswith(":wait") for k in s.exclusive)
+    assert "busy_python_loop" in s.report()

@@ -9,10 +9,11 @@ Backends, picked per call by what is available (`select_backend`):
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
-- ``aten_flash`` (opt-in, GEO3K_ATTN_BACKEND=aten_flash; not yet measured): the same flash kernels as
-  ``torch_varlen``, called from a plain `autograd.Function`. The H200 profile put the largest host cost of a
-  step in the autograd node of `varlen_attn`'s custom op (1.5 ms of CPU per backward call); this skips it,
-  and uses the op's own `is_causal`. docs/perf-notes.md has the prediction; measure before making it default.
+- ``aten_flash`` (opt-in, GEO3K_ATTN_BACKEND=aten_flash): the same flash kernels as ``torch_varlen``, called
+  from a plain `autograd.Function`, with FlashAttention-2's own grouped-query attention and `is_causal`. On an
+  H200 it cut the host time of an LLM layer's attention from 0.98 to 0.22 ms (same outputs) but not the step
+  time (docs/validation/host-bound-h200-2026-11-26.md), so the public `varlen_attn` stays the default: aten's
+  underscore ops may change between PyTorch releases.
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
@@ -67,7 +68,7 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("flash_attn")
         if _torch_varlen() is not None:
             names.append("torch_varlen")
-        names.append("aten_flash")  # only when forced, until measured (see the module docstring)
+        names.append("aten_flash")  # only when forced: no faster step than torch_varlen (module docstring)
     names.append("sdpa")
     return names
 
