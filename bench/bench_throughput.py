@@ -21,10 +21,10 @@ Variants, all on the same shard set (Geo3K-like lengths: 86-636 tokens, ~80% ima
                    weights (Float16Module, Megatron DDP, distributed optimizer). --recompute picks the
                    activation recomputation; a comma list runs one row per value.
   megatron-fwdbwd  the same engine with the optimizer replaced by a no-op: forward + backward + grad buffers
-  megatron-unfused the Megatron engine with train.fused_kernels=false (eager norm/RoPE/SwiGLU), to measure them
                    only, no fp32 master weights or Adam state (6 instead of 18 bytes per parameter). It runs on
                    its own when a preset's full training state cannot fit the card (8B on any single card, 4B
                    on 80 GB), so those presets still get a compute throughput; not a training speed.
+  megatron-unfused the Megatron engine with train.fused_kernels=false (eager norm/RoPE/SwiGLU), to measure them
   fsdp             train/engine_fsdp.py's engine (same interface and data as megatron), when that file exists.
 
 --presets: the first preset gets every variant; the others (4B, 8B) get the Megatron backend only.
@@ -36,7 +36,13 @@ building: weights, optimizer state and activations), and the data wait: time fro
 batches are on the device (next() on the loader + the host-to-device copy + pixel normalisation, then
 torch.cuda.synchronize), as a fraction of step time. The GPU is synchronised at each step's start and end.
 Each variant's memory is freed before the next; an OOM is recorded and the run goes on. The JSON is rewritten
-after every variant, so a run cut short keeps what it measured.
+after every variant, so a run cut short keeps what it measured. The packed backends run under the trainer's
+garbage-collection policy (--gc-interval, train.gc_interval); the plain baseline keeps Python's default; the
+"GC ms / step" column is the time spent in the collector.
+
+--profile adds, for the first preset: the profiler's op tables, the GPU's idle gaps blamed on the host op
+running then, and the synchronising CUDA calls by Python call site (bench/gpu_gaps.py); with
+GEO3K_SAMPLE_HOST=1 also a sampling profile of the Python threads over the timed steps (bench/host_sampler.py).
 """
 
 from __future__ import annotations
