@@ -3,10 +3,11 @@
 Why: a training step creates tens of thousands of short-lived Python objects (tensors, autograd and
 Megatron bookkeeping), so CPython's automatic collector runs many times per step, each time pausing the
 thread that launches the GPU's work. The older generations it walks hold everything the process has built
-(the model, compiled graphs, tokenizer, loader): a pause of milliseconds, while the GPU runs dry. Megatron-LM
-(`--manual-gc`) and torchtitan (`gc_freq`) do the same for the same reason. Pausing it is safe because
-tensors are freed by reference counting, not by the collector; only reference cycles wait until the next
-collection here.
+(the model, compiled graphs, tokenizer, loader). Measured on one H200 (2B model): ~5 ms per step in the
+collector, 0.4% of the step and inside the noise. It matters more with several GPUs: a pause on one rank
+stalls every rank at the next collective, which is why Megatron-LM (`--manual-gc`) and torchtitan
+(`gc_freq`) do the same. Pausing it is safe because tensors are freed by reference counting, not by the
+collector; only reference cycles wait until the next collection here.
 """
 
 from __future__ import annotations

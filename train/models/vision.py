@@ -14,7 +14,6 @@ tensor-parallel rank: all ranks see the same pixels and, in backward, the same g
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch
