@@ -157,6 +157,9 @@ def test_chunked_cross_entropy_equals_the_plain_one():
         torch.testing.assert_close(a, b)
     no_labels = chunked_ce_sum(hidden, weight, torch.full((37,), -100))
     assert no_labels.item() == 0.0 and no_labels.requires_grad
+    # the loss positions shipped by the data path (no nonzero() on the device) give the same sum
+    shipped = chunked_ce_sum(hidden, weight, labels, chunk=5, keep=(labels != -100).nonzero().squeeze(1))
+    assert torch.equal(shipped, ours)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "qwen3_vl_moe"])
@@ -200,3 +203,8 @@ def test_packed_fsdp_forward_equals_transformers_per_sample(family, tmp_path):
         assert (ours - ref).abs().max().item() <= 1e-4, family
         ref_sum += torch.nn.functional.cross_entropy(ref[:-1], s.input_ids[1:], reduction="sum").item()
     assert abs(loss_sum.item() - ref_sum) <= 1e-4 * abs(ref_sum)
+    # With the positions the data path ships (no nonzero() on the device), the same loss and logits.
+    mb.loss_positions = (labels != -100).nonzero().squeeze(1)
+    mb.image_positions = (batch["input_ids"] == cfg.image_token_id).nonzero().squeeze(1)
+    assert torch.equal(engine.eval_loss(mb), loss_sum)
+    assert torch.equal(engine.logits(mb), logits)

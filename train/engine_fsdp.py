@@ -114,12 +114,16 @@ def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
-def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+def chunked_ce_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum over labels != -100 of CE(hidden @ weight.T, label), in fp32, never holding more than one chunk's logits.
 
     hidden: [T, H]; weight: [V, H]; labels: [T]. Positions without a label skip the head entirely (for Geo3K the
-    prompt is most of the tokens). In training each chunk's logits are recomputed in backward."""
-    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    prompt is most of the tokens). In training each chunk's logits are recomputed in backward. keep: those
+    positions, ascending, when the data path ships them (PackedBatch.loss_positions): no host sync here then."""
+    if keep is None:
+        keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
     total = hidden.sum() * 0.0  # keeps the graph (and FSDP's backward) connected when there is no loss token
     for start in range(0, h.shape[0], chunk):
@@ -141,8 +145,12 @@ def _vision(core, pixel_values, image_grid_thw):
     return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
 
-def packed_forward(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels, dummy_vision=None):
+def packed_forward(
+    model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels, dummy_vision=None,
+    loss_positions=None, image_positions=None,
+):
     """One packed micro-batch through the transformers model: the CE sum (labels given) or logits [T, vocab].
+    loss_positions / image_positions (ascending, from the data path) spare two host syncs per micro-batch.
 
     Bound to the model and registered with FSDP as a forward method, so the root's parameters are gathered
     around it. The vision tower runs first, by itself (the attention kwargs cu_seq_lens_* are the language
@@ -155,9 +163,11 @@ def packed_forward(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, 
     if pixel_values is not None:
         feats, deep = _vision(core, pixel_values, image_grid_thw)
         mask = input_ids == model.config.image_token_id
-        if int(mask.sum()) != feats.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image tokens but {feats.shape[0]} image features")
-        emb = emb.masked_scatter(mask[:, None].expand_as(emb), feats.to(emb.dtype))
+        if image_positions is None:
+            image_positions = mask.nonzero().squeeze(1)
+        if image_positions.shape[0] != feats.shape[0]:
+            raise ValueError(f"{image_positions.shape[0]} image tokens but {feats.shape[0]} image features")
+        emb = emb.index_put((image_positions,), feats.to(emb.dtype))
         if deep:
             lm_kwargs.update(visual_pos_masks=mask[None], deepstack_visual_embeds=[d.to(emb.dtype) for d in deep])
     elif dummy_vision is not None:
@@ -177,7 +187,7 @@ def packed_forward(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, 
     hidden = out.last_hidden_state[0]
     if labels is None:
         return model.lm_head(hidden)
-    loss = chunked_ce_sum(hidden, model.lm_head.weight, labels)
+    loss = chunked_ce_sum(hidden, model.lm_head.weight, labels, keep=loss_positions)
     return loss if zero is None else loss + zero
 
 
@@ -289,6 +299,8 @@ class FSDPEngine:
             mb.image_grid_thw if has_images else None,
             mb.labels if labels else None,
             self._dummy_vision if (dummy_vision and not has_images) else None,
+            getattr(mb, "loss_positions", None) if labels else None,  # shipped by the data path (PackedBatch)
+            getattr(mb, "image_positions", None) if has_images else None,
         )
 
     @torch.no_grad()
