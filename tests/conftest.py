@@ -32,6 +32,22 @@ def train_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+def assert_trained_run(run: Path, steps: int) -> None:
+    """What every backend's 20-step end-to-end run (checkpoints and eval every 10 steps) must show: a loss for
+    each step, falling by more than 0.5 from the first five steps to the last five, checkpoints at steps 10 and
+    20, and a finite eval loss at both."""
+    import json
+
+    import numpy as np
+
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert np.mean([losses[s] for s in range(16, 21)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000010", "step-0000020"]
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [10, 20] and all(np.isfinite(e["loss"]) for e in evals)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the processor cache of the tests out of the user's home."""

@@ -6,6 +6,8 @@ vision depth 2, images of a few dozen patches.
 
 from __future__ import annotations
 
+import warnings
+
 import inspect
 
 import torch
@@ -79,6 +81,19 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.08) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def random_hf_model(family: str, seed: int, save_to=None, tie: bool = True):
+    """(config, model): a tiny transformers model of `family` with seeded random weights (randomize_), saved with
+    `save_pretrained` to save_to when given, the checkpoint the Megatron and FSDP models import."""
+    cfg = tiny_config(family, tie=tie)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = hf_model_class(family)(cfg).eval()
+    randomize_(hf, seed=seed)
+    if save_to is not None:
+        hf.save_pretrained(save_to)
+    return cfg, hf
 
 
 class Sample:

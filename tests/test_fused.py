@@ -79,8 +79,6 @@ def test_eager_on_cpu_and_when_disabled():
 def test_megatron_fused_swiglu_model_matches_transformers(tmp_path):
     """bias_activation_fusion=True (what the GPU engine sets) builds Megatron's compiled SwiGLU; the model
     still computes transformers' logits."""
-    import warnings
-
     from tests import models_fixtures as fx
     from tests.megatron_cpu import CPU_OVERRIDES, init_megatron_cpu
     from train.models import convert
@@ -88,12 +86,7 @@ def test_megatron_fused_swiglu_model_matches_transformers(tmp_path):
 
     init_megatron_cpu()
     torch.manual_seed(0)
-    cfg = fx.tiny_config("qwen3_vl")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = fx.hf_model_class("qwen3_vl")(cfg).eval()
-    fx.randomize_(hf, seed=1)
-    hf.save_pretrained(tmp_path)
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=1, save_to=tmp_path)
     model = build_model(cfg, **dict(CPU_OVERRIDES, bias_activation_fusion=True)).eval()
     convert.load_hf_checkpoint(model, str(tmp_path))
     sample = fx.make_sample(10, [(1, 4, 6)])

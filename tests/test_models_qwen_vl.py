@@ -27,13 +27,8 @@ def pair(request, tmp_path_factory):
     init_megatron_cpu()
     family = request.param
     torch.manual_seed(0)
-    cfg = fx.tiny_config(family)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = fx.hf_model_class(family)(cfg).eval()
-    fx.randomize_(hf, seed=1)
     ckpt = tmp_path_factory.mktemp(family)
-    hf.save_pretrained(ckpt)
+    cfg, hf = fx.random_hf_model(family, seed=1, save_to=ckpt)
     # The all-to-all dispatcher (the default) allocates a CUDA stream at construction; with one expert
     # parallel rank the all-gather dispatcher computes the same thing on CPU.
     overrides = dict(CPU_OVERRIDES, moe_token_dispatcher_type="allgather") if family == "qwen3_vl_moe" else CPU_OVERRIDES

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 
 import torch
 
@@ -61,12 +60,7 @@ def test_tp2_loss_equals_transformers(tmp_path):
 
     refs = {}
     for family in FAMILIES:
-        cfg = fx.tiny_config(family, tie=family != "qwen2_5_vl")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = fx.hf_model_class(family)(cfg).eval()
-        fx.randomize_(hf, seed=5)
-        hf.save_pretrained(tmp_path / family)
+        cfg, hf = fx.random_hf_model(family, seed=5, save_to=tmp_path / family, tie=family != "qwen2_5_vl")
         samples = [fx.make_sample(20, [(1, 4, 6)]), fx.make_sample(21, [(1, 6, 4), (1, 4, 4)])]
         positions = [fx.rope_positions(hf, s) for s in samples]
         batch = fx.pack(samples, positions)
