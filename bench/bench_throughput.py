@@ -48,6 +48,7 @@ GEO3K_SAMPLE_HOST=1 also a sampling profile of the Python threads over the timed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -58,7 +59,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -221,6 +221,28 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------- the timing loop
 
 
+class GCTime:
+    """Seconds spent in Python's garbage collector while inside the block (through gc.callbacks)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:  # called at the start and the end of every collection
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def __enter__(self) -> "GCTime":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def time_steps(
     r: Result,
     device: torch.device,
@@ -235,51 +257,41 @@ def time_steps(
 ) -> None:
     """Run warmup + steps steps. account(host batch) -> (real tokens, computed tokens, model FLOPs, micro-batches)."""
     tokens, computed, flops, n_mb = [], [], [], []
-    gc_s, gc_t0 = [0.0], [0.0]
-
-    def gc_timer(phase, info):  # gc.callbacks: called at the start and the end of every collection
-        if phase == "start":
-            gc_t0[0] = time.perf_counter()
-        elif gc_t0[0]:
-            gc_s[0] += time.perf_counter() - gc_t0[0]
-
-    # The trainer's garbage-collection policy (train/gc_policy.py), unless --gc-interval 0.
-    collector = TrainingGC(r.gc_interval or 0)
-    collector.__enter__()
-    gc.callbacks.append(gc_timer)
-    sampler = HostSampler() if profile_to is not None and os.environ.get("GEO3K_SAMPLE_HOST") == "1" else None
+    sampler = None
     print("  steps (ms, data ms):", end="", flush=True)
-    for i in range(warmup + steps):
-        if i == warmup:
-            gc_s[0] = 0.0
-            if sampler:
-                sampler.__enter__()
-        sync(device)
-        t0 = time.perf_counter()
-        host = next_batch()
-        dev = to_device(host)
-        sync(device)  # the batch is on the device: data wait ends here
-        t1 = time.perf_counter()
-        loss = train_step(host, dev)
-        sync(device)
-        t2 = time.perf_counter()
-        del dev
-        print(f" {'w' if i < warmup else ''}{1e3 * (t2 - t0):.0f}/{1e3 * (t1 - t0):.0f}", end="", flush=True)
-        if i >= warmup:
-            r.step_s.append(t2 - t0)
-            r.data_s.append(t1 - t0)
-            a = account(host)
-            tokens.append(a[0]), computed.append(a[1]), flops.append(a[2]), n_mb.append(a[3])
-            r.loss = loss
-        collector.step_done(i + 1)
-    gc.callbacks.remove(gc_timer)
-    collector.__exit__()
+    # The stack undoes the GC policy, the GC timer and the host sampler even when a step raises (an OOM is
+    # recorded and the next variant runs in the same process).
+    with contextlib.ExitStack() as stack:
+        collector = stack.enter_context(TrainingGC(r.gc_interval or 0))  # the trainer's policy (train/gc_policy.py)
+        gc_time = stack.enter_context(GCTime())
+        for i in range(warmup + steps):
+            if i == warmup:
+                gc_time.seconds = 0.0
+                if profile_to is not None and os.environ.get("GEO3K_SAMPLE_HOST") == "1":
+                    sampler = stack.enter_context(HostSampler())
+            sync(device)
+            t0 = time.perf_counter()
+            host = next_batch()
+            dev = to_device(host)
+            sync(device)  # the batch is on the device: data wait ends here
+            t1 = time.perf_counter()
+            loss = train_step(host, dev)
+            sync(device)
+            t2 = time.perf_counter()
+            del dev
+            print(f" {'w' if i < warmup else ''}{1e3 * (t2 - t0):.0f}/{1e3 * (t1 - t0):.0f}", end="", flush=True)
+            if i >= warmup:
+                r.step_s.append(t2 - t0)
+                r.data_s.append(t1 - t0)
+                a = account(host)
+                tokens.append(a[0]), computed.append(a[1]), flops.append(a[2]), n_mb.append(a[3])
+                r.loss = loss
+            collector.step_done(i + 1)
     if sampler:  # where the launching threads spend the timed steps (bench/host_sampler.py), next to the profile
-        sampler.__exit__()
         host_to = profile_to.with_name(profile_to.name.replace("-profile.txt", "-host.txt"))
         host_to.write_text(sampler.report() + "\n")
         print(f"\n  host sampler: {host_to}\n    " + "\n    ".join(sampler.report(8).splitlines()[4:12]), end="")
-    r.gc_ms_per_step = 1e3 * gc_s[0] / max(1, steps)
+    r.gc_ms_per_step = 1e3 * gc_time.seconds / max(1, steps)
     print(flush=True)
     if device.type == "cuda":
         r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / GIB
@@ -484,7 +496,7 @@ class _NoOptimizer:
         return True, 0.0, None
 
 
-@contextmanager
+@contextlib.contextmanager
 def no_optimizer(enabled: bool):
     """Make MegatronEngine build its model and DDP wrapper as usual but no optimizer (it imports the factory
     at construction time, so patching the module attribute is enough)."""
