@@ -259,15 +259,21 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
 
 
 def _attention_variants(device):
-    """(label, backend, environment) for every varlen backend here, aten_flash with both GQA modes."""
+    """(label, backend) for every varlen backend here, aten_flash with both GQA modes. The variant's environment
+    (GEO3K_ATEN_FLASH_GQA) is set while the caller works on it and removed after."""
     from train.models.attention import available_backends
 
     for backend in available_backends(device, torch.bfloat16):
-        if backend == "aten_flash":
-            yield "aten_flash", backend, {"GEO3K_ATEN_FLASH_GQA": "native"}
-            yield "aten_flash/expand", backend, {"GEO3K_ATEN_FLASH_GQA": "expand"}
-        elif backend != "sdpa":
-            yield backend, backend, {}
+        if backend == "sdpa":
+            continue
+        modes = [("aten_flash", "native"), ("aten_flash/expand", "expand")] if backend == "aten_flash" else [(backend, None)]
+        for label, gqa in modes:
+            if gqa:
+                os.environ["GEO3K_ATEN_FLASH_GQA"] = gqa
+            try:
+                yield label, backend
+            finally:
+                os.environ.pop("GEO3K_ATEN_FLASH_GQA", None)
 
 
 def kernel_check(device):
@@ -280,8 +286,7 @@ def kernel_check(device):
     lens = [300, 517, 0, 1200, 64]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     T = sum(lens)
-    for label, backend, env in _attention_variants(device):
-        os.environ.update(env)
+    for label, backend in _attention_variants(device):
         for causal in (True, False):
             try:
                 q = torch.randn(T, 16, 128, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
@@ -295,8 +300,6 @@ def kernel_check(device):
                 out.append(f"{label:>17} causal={causal!s:5}: out rel err {rel(a, b):.2e}, grad rel err {gmax:.2e}")
             except Exception as e:  # noqa: BLE001 - reported, the model run decides
                 out.append(f"{label:>17} causal={causal!s:5}: ERROR {type(e).__name__}: {e}")
-        for key in env:
-            os.environ.pop(key)
     out.extend(kernel_timing(device))
     return out
 
@@ -310,8 +313,7 @@ def kernel_timing(device, calls: int = 28):
     shapes = {"LLM": (4096, 16, 8, 128, True), "ViT": (16384, 16, 16, 64, False)}
     out = [f"\n## varlen cost per call (bf16; {calls} calls of forward + backward, as the layers of one micro-batch)",
            "| backend | shape | host ms / call | wall ms / call (host or GPU, the slower) |", "|---|---|---|---|"]
-    for label, backend, env in _attention_variants(device):
-        os.environ.update(env)
+    for label, backend in _attention_variants(device):
         for name, (T, hq, hkv, d, causal) in shapes.items():
             try:
                 cu = torch.arange(0, T + 1, T // 8, dtype=torch.int32, device=device)
@@ -334,8 +336,6 @@ def kernel_timing(device, calls: int = 28):
                 out.append(f"| {label} | {name} | {1e3 * host / calls:.3f} | {1e3 * total / calls:.3f} |")
             except Exception as e:  # noqa: BLE001
                 out.append(f"| {label} | {name} | ERROR {type(e).__name__}: {e} | |")
-        for key in env:
-            os.environ.pop(key)
     return out
 
 

@@ -282,6 +282,7 @@ class MegatronEngine:
         if self.cuda:
             load_parameter_state(self.optimizer, ckpt / f"optim_params_{tag}.pt")
 
+
 def load_parameter_state(optimizer, path: Path) -> None:
     """Megatron's `load_parameter_state` for its distributed optimizer without Apex/TE, minus two bugs there.
 

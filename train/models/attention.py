@@ -123,10 +123,13 @@ def varlen_attention(
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def _repeat_kv(t: torch.Tensor, rep: int) -> torch.Tensor:
-    """[T, Hkv, D] -> [T, Hkv * rep, D], head h reading kv head h // rep. expand + reshape is one copy kernel;
-    `repeat_interleave` in its place made the H200 step 27% slower (docs/perf-notes.md)."""
-    return t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2])
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [T, Hkv, D] -> [T, Hkv * rep, D], head h reading kv head h // rep. expand + reshape is one copy
+    kernel; `repeat_interleave` in its place made the H200 step 27% slower (docs/perf-notes.md)."""
+    def expand(t):
+        return t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2])
+
+    return expand(k), expand(v)
 
 
 def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
@@ -140,7 +143,7 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:  # 2.10/2.11 need as many key/value heads as query heads: query head h reads kv head h // rep
-            k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
+            k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
     if causal:
         if "is_causal" in params:
             kwargs["is_causal"] = True
@@ -170,7 +173,7 @@ class _AtenFlashVarlen(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
         ctx.rep = 1 if _aten_native_gqa() else q.shape[1] // k.shape[1]
         if ctx.rep > 1:
-            k, v = _repeat_kv(k, ctx.rep), _repeat_kv(v, ctx.rep)
+            k, v = _repeat_kv(k, v, ctx.rep)
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale
         )
@@ -192,7 +195,7 @@ class _AtenFlashVarlen(torch.autograd.Function):
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
     if q.shape[1] != k.shape[1]:  # GQA: the same head mapping as the GPU backends (head h uses kv h // rep)
-        k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
+        k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
