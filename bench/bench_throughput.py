@@ -24,7 +24,8 @@ Variants, all on the same shard set (Geo3K-like lengths: 86-636 tokens, ~80% ima
                    only, no fp32 master weights or Adam state (6 instead of 18 bytes per parameter). It runs on
                    its own when a preset's full training state cannot fit the card (8B on any single card, 4B
                    on 80 GB), so those presets still get a compute throughput; not a training speed.
-  megatron-unfused the Megatron engine with train.fused_kernels=false (eager norm/RoPE/SwiGLU), to measure them
+  megatron-eager   the Megatron engine with train.compile_layers=false (layers run op by op; fused norm/RoPE/SwiGLU)
+  megatron-unfused the Megatron engine with train.fused_kernels=false and compile_layers=false (all eager)
   fsdp             train/engine_fsdp.py's engine (same interface and data as megatron), when that file exists.
 
 --presets: the first preset gets every variant; the others (4B, 8B) get the Megatron backend only.
@@ -78,7 +79,7 @@ from host_sampler import HostSampler  # noqa: E402
 GIB = 2**30
 # Megatron bf16 training state per parameter on one GPU: bf16 weight 2 + fp32 grad buffer 4 (grad_reduce_in_fp32)
 # + fp32 master weight 4 + Adam moments 8; without the optimizer (megatron-fwdbwd): 2 + 4.
-STATE_BYTES = {"megatron": 18, "megatron-unfused": 18, "megatron-fwdbwd": 6, "fsdp": 16, "baseline": 8}
+STATE_BYTES = {"megatron": 18, "megatron-eager": 18, "megatron-unfused": 18, "megatron-fwdbwd": 6, "fsdp": 16, "baseline": 8}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,6 +142,8 @@ class Result:
     """Time in Python's garbage collector per timed step (a pause of the thread that launches GPU work)."""
     gc_interval: int | None = None
     loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    """Every step's loss, warm-up included: variants of one engine on the same data must agree step by step."""
     params_b: float | None = None
     profile_top: list[dict[str, Any]] = field(default_factory=list)
     """--profile: the ops with the most self device time in one step (ms), and where the full table went."""
@@ -279,6 +282,7 @@ def time_steps(
             sync(device)
             t2 = time.perf_counter()
             del dev
+            r.losses.append(loss)
             print(f" {'w' if i < warmup else ''}{1e3 * (t2 - t0):.0f}/{1e3 * (t1 - t0):.0f}", end="", flush=True)
             if i >= warmup:
                 r.step_s.append(t2 - t0)
@@ -292,7 +296,7 @@ def time_steps(
         host_to.write_text(sampler.report() + "\n")
         print(f"\n  host sampler: {host_to}\n    " + "\n    ".join(sampler.report(8).splitlines()[4:12]), end="")
     r.gc_ms_per_step = 1e3 * gc_time.seconds / max(1, steps)
-    print(flush=True)
+    print("\n  losses: " + " ".join(f"{x:.4f}" for x in r.losses), flush=True)
     if device.type == "cuda":
         r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / GIB
     summarise(r, tokens, computed, flops, n_mb, peak_tflops)
@@ -542,12 +546,14 @@ def run_engine(r: Result, variant: str, hf_config, args, device: torch.device, w
         backend="fsdp" if variant == "fsdp" else "megatron",
         random_init=True, global_batch_size=args.global_batch_size, max_tokens_per_gpu=args.max_tokens,
         bf16=device.type == "cuda", recompute=recompute, num_workers=args.num_workers, seed=args.seed,
-        fused_kernels=variant != "megatron-unfused",
+        fused_kernels=variant != "megatron-unfused", compile_layers=variant not in ("megatron-eager", "megatron-unfused"),
     )
     t = time.perf_counter()
     with no_optimizer(variant == "megatron-fwdbwd"):
         engine = cls(hf_config, tc, world, init_from=None)
     r.build_s = time.perf_counter() - t
+    if any(getattr(engine, "compiled_layers", ())):
+        print("  compiled layers (decoder, vision): %d, %d; their compile lands in the warm-up steps" % engine.compiled_layers)
     model = getattr(engine, "inner", None) or getattr(engine, "model", None)
     if model is not None:
         r.params_b = sum(p.numel() for p in model.parameters()) / 1e9  # this rank's share under sharding
@@ -625,7 +631,7 @@ def plan_runs(args) -> list[tuple[str, str, str]]:
     recomputes = [x for x in args.recompute.split(",") if x]
     for v in variants:
         if v not in STATE_BYTES:
-            raise SystemExit(f"unknown variant {v!r}: use baseline, megatron, megatron-fwdbwd, fsdp")
+            raise SystemExit(f"unknown variant {v!r}: use one of {', '.join(STATE_BYTES)}")
     for x in recomputes:
         if x not in ("none", "selective", "full"):
             raise SystemExit(f"--recompute {x!r}: use none, selective or full (or a comma list)")

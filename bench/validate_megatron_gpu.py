@@ -157,7 +157,9 @@ def rel(a, b):
 
 
 def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
-    """One comparison. variant: "fp32", "bf16" or "bf16:<attention backend>".
+    """One comparison. variant: "fp32", "bf16" or "bf16:<attention backend>", each optionally with "+compiled"
+    (decoder layers and vision blocks compiled whole, train/models/layer_compile.py; compared with the same
+    variant uncompiled too when that ran first).
 
     `truth` holds transformers' fp32 logits (set by the fp32 variant, which runs first): bf16 rows
     also report both models' distance to it, i.e. how far bf16 itself moves the reference.
@@ -168,7 +170,9 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
     from train.models.attention import select_backend
     from train.models.qwen_vl import build_model
 
-    dtype_name, _, backend = variant.partition(":")
+    base = variant.removesuffix("+compiled")
+    compiled = base != variant
+    dtype_name, _, backend = base.partition(":")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     if backend:
         os.environ["GEO3K_ATTN_BACKEND"] = backend
@@ -185,6 +189,10 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
         mg = build_model(cfg, **overrides).eval()
     convert.load_hf_checkpoint(mg, str(ckpt))
     mg.to(device)
+    if compiled:
+        from train.models.layer_compile import compile_layers
+
+        compile_layers(mg)
     load_s = time.time() - t0
 
     batch = pack(samples, positions, device)
@@ -236,6 +244,10 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
         t = truth["fp32"]
         lines.append(f"noise floor: transformers {dtype_name} vs transformers fp32 {rel(ref.cpu(), t):.2e}; "
                      f"megatron {dtype_name} vs transformers fp32 {rel(mg_logits.cpu(), t):.2e}")
+    if compiled and f"megatron {base}" in truth:
+        lines.append(f"compiled vs eager megatron ({base}): logits rel err {rel(mg_logits.cpu(), truth[f'megatron {base}']):.2e}")
+    elif not compiled:
+        truth[f"megatron {base}"] = mg_logits.float().cpu()
 
     # backward: gradients exist and are finite all the way into the vision tower
     mg.train()
@@ -245,7 +257,10 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
     grad_norm = torch.stack(norms).norm().item()
     vis_grad = mg.vision.model.patch_embed.proj.weight.grad
     ok_grad = math.isfinite(grad_norm) and vis_grad is not None and vis_grad.abs().sum().item() > 0
-    lines.append(f"backward: grad norm {grad_norm:.3e} over {len(norms)} tensors, vision grads {'yes' if ok_grad else 'NO'}")
+    lines.append(f"backward: grad norm {grad_norm:.3e} over {len(norms)} tensors, vision grads {'yes' if ok_grad else 'NO'}"
+                 + (f" (uncompiled: {truth[f'grad norm {base}']:.3e})" if compiled and f"grad norm {base}" in truth else ""))
+    if not compiled:
+        truth[f"grad norm {base}"] = grad_norm
     if device.type == "cuda":
         lines.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         torch.cuda.reset_peak_memory_stats()

@@ -172,6 +172,13 @@ class MegatronEngine:
             from train.models.convert import load_hf_checkpoint
 
             load_hf_checkpoint(model, init_from, tp_rank=world.tp_rank, tp_size=world.tp)
+        self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
+        # Whole-layer compile (train/models/layer_compile.py) where it was measured: one model replica per GPU
+        # (tensor-parallel collectives and recomputation's checkpoint function untested compiled).
+        if cfg.compile_layers and self.cuda and cfg.tensor_parallel == 1 and cfg.recompute == "none":
+            from train.models.layer_compile import compile_layers
+
+            self.compiled_layers = compile_layers(model)
         self.model_config = model.config
         self.inner = model  # the unwrapped QwenVLModel (checkpoints, export, generation)
         dp_group = parallel_state.get_data_parallel_group()

@@ -49,14 +49,22 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-@functools.cache
-def _torch_varlen():
-    """Returns (varlen_attn, accepted keyword names) or None when this PyTorch has no varlen_attn."""
+def _load_torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Resolved at import, not on first call: compiled layers (layer_compile.py) trace the attention call, and
+# Dynamo cannot trace `inspect.signature`.
+_TORCH_VARLEN = _load_torch_varlen()
+
+
+def _torch_varlen():
+    """Returns (varlen_attn, accepted keyword names) or None when this PyTorch has no varlen_attn."""
+    return _TORCH_VARLEN
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -73,6 +81,9 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     return names
 
 
+# Evaluated once when a compiled layer is traced (the result is a constant of the graph): it reads the
+# environment and imports flash-attn lazily, neither of which Dynamo traces.
+@torch.compiler.assume_constant_result
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
     forced = os.environ.get(_FORCE_ENV)
     names = available_backends(device, dtype)

@@ -33,6 +33,10 @@ def set_enabled(on: bool) -> None:
 
 def _use_compiled(t: torch.Tensor) -> bool:
     # float32 stays eager: that is the exactness-checking path, and nothing in training runs it on GPU.
+    # Inside a compiled layer (layer_compile.py) the reference is traced into the layer's graph, which
+    # Inductor fuses as it would fuse this function alone.
+    if torch.compiler.is_compiling():
+        return False
     return _enabled and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 

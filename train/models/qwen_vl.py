@@ -150,8 +150,16 @@ class DeepstackTransformerLayer(TransformerLayer):
     `context` is [num_deepstack_layers, T, 1, hidden] (zeros away from image tokens) or None.
     """
 
+    compiled_forward = None
+    """Set by layer_compile.compile_layers: TransformerLayer.forward as one compiled graph. The deepstack
+    addition stays outside it, because its index is this layer's number: a compiled graph would be
+    specialised to each layer instead of shared by all."""
+
     def forward(self, *args, **kwargs):
-        output, context = super().forward(*args, **kwargs)
+        if self.compiled_forward is not None:
+            output, context = self.compiled_forward(*args, **kwargs)
+        else:
+            output, context = super().forward(*args, **kwargs)
         idx = self.layer_number - 1
         if context is not None and idx < context.shape[0]:
             output = output + context[idx].to(output.dtype)
@@ -376,8 +384,9 @@ class QwenVLModel(MegatronModule):
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, image_index=None):
         """Token embeddings with the image features written over the image placeholder tokens."""
-        emb = self.language_model.embedding.word_embeddings(input_ids[None])  # [1, T, H]
-        emb = emb.transpose(0, 1).contiguous()  # Megatron's [s, b, h]
+        # Megatron's [s, b, h] layout, with the strides every layer's output has (a transposed [1, T, H] counts as
+        # contiguous but carries another stride for b: a compiled layer would guard on it and compile twice).
+        emb = self.language_model.embedding.word_embeddings(input_ids[None])[0][:, None, :]  # [T, 1, H]
         if image_index is None:
             image_index = (input_ids == self.image_token_id).nonzero().squeeze(1)
         num_image_tokens = image_index.shape[0]

@@ -1,0 +1,138 @@
+"""Whole-layer torch.compile (train/models/layer_compile.py) against the eager model, on CPU in float32.
+
+On GPUs the attention is torch's `varlen_attn`, an opaque custom op to the compiler. CPUs have no such
+kernel and our exact CPU fallback loops over segments in Python (`.tolist()`: a graph break), so here a
+stand-in custom op with varlen_attn's calling convention (torch 2.10/2.11's: `window_size` for causal, no
+`enable_gqa`) takes its place as the `torch_varlen` backend. What is checked is the rest: that Megatron's
+decoder layers and transformers' vision blocks trace whole (no graph break), that all layers of a kind share
+one graph, and that the compiled forward and backward equal the eager ones over micro-batches of different
+lengths and sample counts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import models_fixtures as fx
+from tests.megatron_cpu import CPU_OVERRIDES, init_megatron_cpu
+from train.models import attention
+
+
+@torch.library.custom_op("geo3k_test::varlen_attn", mutates_args=())
+def _standin_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    return attention._sdpa_loop(q, k, v, cu, causal, scale)
+
+
+@_standin_fwd.register_fake
+def _(q, k, v, cu, causal, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("geo3k_test::varlen_attn_backward", mutates_args=())
+def _standin_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, causal: bool,
+                 scale: float) -> list[torch.Tensor]:
+    """Attention's backward per segment, written out (no autograd inside a custom op): heads match (the caller
+    expands grouped kv heads, as on torch 2.10/2.11)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs, gs = (t[start:end].transpose(0, 1) for t in (q, k, v, g))  # [heads, n, dim]
+        s = qs @ ks.transpose(1, 2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf"))
+        p = s.softmax(-1)
+        dp = gs @ vs.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[start:end] = (ds @ ks * scale).transpose(0, 1)
+        dk[start:end] = (ds.transpose(1, 2) @ qs * scale).transpose(0, 1)
+        dv[start:end] = (p.transpose(1, 2) @ gs).transpose(0, 1)
+    return [dq, dk, dv]
+
+
+@_standin_bwd.register_fake
+def _(g, q, k, v, cu, causal, scale):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.causal, ctx.scale = inputs[4], inputs[5]
+
+
+def _backward(ctx, g):
+    q, k, v, cu = ctx.saved_tensors
+    dq, dk, dv = _standin_bwd(g, q, k, v, cu, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_standin_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def varlen_attn_standin(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature (the parts this code uses)."""
+    assert query.shape[1] == key.shape[1], "torch 2.11's varlen_attn needs as many kv heads as query heads"
+    causal = tuple(window_size) == (-1, 0)
+    return _standin_fwd(query, key, value, cu_seq_q, causal, float(scale if scale is not None else query.shape[-1] ** -0.5))
+
+
+@pytest.fixture
+def standin_varlen(monkeypatch):
+    import inspect
+
+    monkeypatch.setattr(attention, "_TORCH_VARLEN", (varlen_attn_standin, frozenset(inspect.signature(varlen_attn_standin).parameters)))
+    monkeypatch.setattr(attention, "available_backends", lambda device, dtype: ["torch_varlen", "sdpa"])
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _batch(hf, seed, grids):
+    samples = [fx.make_sample(seed + i, [g]) for i, g in enumerate(grids)]
+    batch = fx.pack(samples, [fx.rope_positions(hf, s) for s in samples])
+    labels = batch["input_ids"].roll(-1).clone()
+    labels[::3] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def _step(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from train.models import convert
+    from train.models.layer_compile import compile_layers
+    from train.models.qwen_vl import build_model
+
+    init_megatron_cpu()
+    cfg, hf = fx.random_hf_model(family, seed=3, save_to=tmp_path)
+    models = []
+    for _ in range(2):
+        # Megatron's SwiGLU fusion as on GPUs (its own torch.compile'd function, here nested in the layer's graph).
+        m = build_model(cfg, **CPU_OVERRIDES, bias_activation_fusion=True)
+        convert.load_hf_checkpoint(m, str(tmp_path))
+        models.append(m)
+    eager, compiled = models
+    n_llm, n_vit = compile_layers(compiled)
+    assert (n_llm, n_vit) == (cfg.text_config.num_hidden_layers, cfg.vision_config.depth)
+    # Three micro-batches: different token counts, sample counts and longest samples (all dynamic).
+    batches = [_batch(hf, 10 * i, grids) for i, grids in enumerate([[(1, 4, 4), (1, 8, 4)], [(1, 4, 8), (1, 4, 4), (1, 8, 8)], [(1, 8, 4)]])]
+    expected = [_step(eager, b) for b in batches]  # first, so that the counters below see the compiled model only
+    counters.clear()
+    for batch, (loss_e, grads_e) in zip(batches, expected):
+        loss_c, grads_c = _step(compiled, batch)
+        assert set(grads_c) == set(grads_e), "the compiled model must train the same parameters"
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0)
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
+    assert not counters["graph_break"], f"graph breaks in compiled layers: {dict(counters['graph_break'])}"
+    # One graph for the decoder layer and two for the vision block, reused by every layer and micro-batch: the
+    # first block's input is a view (of the patch embedding), and Dynamo guards on a view's base.
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])

@@ -1,0 +1,76 @@
+"""Whole-layer `torch.compile`: each decoder layer of the language model and each block of the vision
+tower runs as one compiled graph forward and one backward.
+
+Why: on one GPU the Qwen3-VL-2B step is host-bound (docs/perf-notes.md, "Measured, third session"): the GPU
+runs a micro-batch's forward faster than Python launches it, op by op, through Megatron's layers and
+transformers' vision blocks. A compiled layer is one call into a graph whose element-wise work Inductor has
+fused between the matrix products, so the launching thread does a fraction of the work per layer.
+
+How it stays cheap to compile and correct:
+- One compiled function per layer *class*, shared by every layer of it: Dynamo takes the parameters as
+  graph inputs, so the 28 decoder layers reuse one graph (and the 24 vision blocks another) instead of
+  compiling each. Anything that differs per layer must stay outside: deepstack's per-layer addition does
+  (`DeepstackTransformerLayer.compiled_forward`).
+- `dynamic=True`: the token count, the number of samples (cu_seqlens) and max_seqlen change with every
+  micro-batch; parameter shapes stay static (torch's default), so the hidden sizes are specialised.
+- Megatron-Core 0.16.1's RowParallelLinear passes `tp_group=None` and so calls `warnings.warn`
+  (a DeprecationWarning) on every forward. Dynamo cannot trace `warnings.warn` and would split each layer
+  in two there; inside compiled code it is replaced by a no-op below (eager code still warns).
+- The attention kernels are opaque custom ops to the compiler (`varlen_attn`) or plain aten ops
+  (`aten_flash`); the backend is chosen once when the graph is traced (attention.select_backend).
+
+Applied by the Megatron engine on GPUs (`train.compile_layers`) where it was measured: dense models,
+tensor-parallel size 1, no activation recomputation. Recomputation re-runs layers inside Megatron's
+checkpoint function and tensor parallelism adds collectives to the layer: both untested compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+
+@functools.cache
+def _install_warn_substitute() -> None:
+    @torch.compiler.substitute_in_graph(warnings.warn, skip_signature_check=True)
+    def _warn_in_graph(*args, **kwargs):
+        return None
+
+
+@functools.cache
+def _compiled(fn):
+    _install_warn_substitute()
+    return torch.compile(fn, dynamic=True)
+
+
+def compile_language_layers(language_model) -> int:
+    """Compile the dense decoder layers of a `QwenVLLanguageModel`; returns how many."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from train.models.qwen_vl import DeepstackTransformerLayer
+
+    n = 0
+    for layer in language_model.decoder.layers:
+        # MoE layers route tokens with data-dependent shapes (graph breaks, host syncs): left eager.
+        if isinstance(layer, DeepstackTransformerLayer) and not isinstance(layer.mlp, MoELayer):
+            layer.compiled_forward = functools.partial(_compiled(TransformerLayer.forward), layer)
+            n += 1
+    return n
+
+
+def compile_vision_blocks(visual: torch.nn.Module) -> int:
+    """Compile the blocks of a transformers vision tower (`Qwen3VLVisionModel`, Qwen2.5-VL's); returns how many."""
+    for block in visual.blocks:
+        # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks included) stays eager.
+        block.forward = functools.partial(_compiled(type(block).forward), block)
+    return len(visual.blocks)
+
+
+def compile_layers(model) -> tuple[int, int]:
+    """Compile a `QwenVLModel`'s decoder layers and vision blocks in place: (LLM layers, vision blocks)."""
+    n_llm = compile_language_layers(model.language_model)
+    n_vit = compile_vision_blocks(model.vision.model) if getattr(model, "pre_process", True) else 0
+    return n_llm, n_vit
