@@ -42,6 +42,10 @@ def _install_warn_substitute() -> None:
 @functools.cache
 def _compiled(fn):
     _install_warn_substitute()
+    # Inductor adds size-range guards (where 32-bit indexing stops being safe, where two loops may fuse), so on
+    # an H100 the vision block compiled 4 times and the decoder layer 3 times over real micro-batch lengths,
+    # all in the first steps; past Dynamo's default limit of 8 a new length would run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(fn, dynamic=True)
 
 
