@@ -54,6 +54,8 @@ def parse_args():
                    help="keep only this many LLM layers (a CPU run of a real preset's config path)")
     p.add_argument("--vision-depth", type=int, default=None,
                    help="keep only this many ViT layers (deepstack moves to the first ones)")
+    p.add_argument("--kernel-floor", action="store_true",
+                   help="also run transformers with eager attention: its own distance from itself (SDPA) per dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="write the report here as well")
     return p.parse_args()
@@ -156,7 +158,28 @@ def rel(a, b):
     return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
-def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
+def hf_logits(hf, samples, positions, device) -> torch.Tensor:
+    """transformers' logits, each sample alone, concatenated in packing order."""
+    refs = []
+    for s, p in zip(samples, positions):
+        out = hf(input_ids=s["input_ids"][None].to(device), position_ids=p[:, None].to(device),
+                 pixel_values=s["pixel_values"].to(device), image_grid_thw=s["grid_thw"].to(device))
+        refs.append(out.logits[0])
+    return torch.cat(refs)
+
+
+def kernel_floor(hf_cls, ckpt, dtype, samples, positions, device, ref) -> str:
+    """How far transformers moves *itself* in this dtype when only its attention kernel changes (eager
+    matmul-softmax instead of SDPA; the same arithmetic, other rounding): the closest any second
+    implementation can be expected to come to its logits."""
+    other = hf_cls.from_pretrained(ckpt, dtype=dtype, attn_implementation="eager").to(device).eval()
+    with torch.no_grad():
+        logits = hf_logits(other, samples, positions, device)
+    del other
+    return f"kernel floor: transformers {str(dtype).split('.')[-1]} with eager attention vs with SDPA {rel(logits, ref):.2e}"
+
+
+def run_variant(cfg, ckpt, samples, variant, device, lines, truth, with_kernel_floor=False):
     """One comparison. variant: "fp32", "bf16" or "bf16:<attention backend>", each optionally with "+compiled"
     (decoder layers and vision blocks compiled whole, train/models/layer_compile.py; compared with the same
     variant uncompiled too when that ran first).
@@ -210,15 +233,10 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
         sync(device)
         mg_s = time.time() - t0
         mg_loss = mg(**batch, labels=labels)
-        refs = []
         t0 = time.time()
-        for s, p in zip(samples, positions):
-            out = hf(input_ids=s["input_ids"][None].to(device), position_ids=p[:, None].to(device),
-                     pixel_values=s["pixel_values"].to(device), image_grid_thw=s["grid_thw"].to(device))
-            refs.append(out.logits[0])
+        ref = hf_logits(hf, samples, positions, device)
         sync(device)
         hf_s = time.time() - t0
-    ref = torch.cat(refs)
     ref_loss = torch.nn.functional.cross_entropy(ref.float(), labels, ignore_index=-100, reduction="none")
 
     cu = batch["cu_seqlens"].tolist()
@@ -244,6 +262,8 @@ def run_variant(cfg, ckpt, samples, variant, device, lines, truth):
         t = truth["fp32"]
         lines.append(f"noise floor: transformers {dtype_name} vs transformers fp32 {rel(ref.cpu(), t):.2e}; "
                      f"megatron {dtype_name} vs transformers fp32 {rel(mg_logits.cpu(), t):.2e}")
+    if with_kernel_floor and not compiled:
+        lines.append(kernel_floor(hf_cls, ckpt, dtype, samples, positions, device, ref))
     if compiled and f"megatron {base}" in truth:
         lines.append(f"compiled vs eager megatron ({base}): logits rel err {rel(mg_logits.cpu(), truth[f'megatron {base}']):.2e}")
     elif not compiled:
@@ -402,7 +422,7 @@ def main():
         results, truth = [], {}
         for variant in variants:
             try:
-                results.append(run_variant(cfg, tmp, samples, variant, device, lines, truth))
+                results.append(run_variant(cfg, tmp, samples, variant, device, lines, truth, args.kernel_floor))
             except Exception:  # report and go on: one GPU call has to tell as much as it can
                 lines.append(f"\n## {variant}: FAILED with\n{traceback.format_exc()}")
                 results.append(False)
