@@ -8,8 +8,8 @@ fused between the matrix products, so the launching thread does a fraction of th
 
 How it stays cheap to compile and correct:
 - One compiled function per layer *class*, shared by every layer of it: Dynamo takes the parameters as
-  graph inputs, so the 28 decoder layers reuse one graph (and the 24 vision blocks another) instead of
-  compiling each. Anything that differs per layer must stay outside: deepstack's per-layer addition does
+  graph inputs, so the 28 decoder layers reuse one graph (and the 24 vision blocks another, plus one for the
+  first block, whose input is a view: Dynamo guards on a view's base) instead of compiling each. Anything that differs per layer must stay outside: deepstack's per-layer addition does
   (`DeepstackTransformerLayer.compiled_forward`).
 - `dynamic=True`: the token count, the number of samples (cu_seqlens) and max_seqlen change with every
   micro-batch; parameter shapes stay static (torch's default), so the hidden sizes are specialised.
