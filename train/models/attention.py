@@ -50,6 +50,7 @@ def _flash_attn_varlen():
 
 
 def _load_torch_varlen():
+    """(varlen_attn, accepted keyword names), or None when this PyTorch has no varlen_attn."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -62,11 +63,6 @@ def _load_torch_varlen():
 _TORCH_VARLEN = _load_torch_varlen()
 
 
-def _torch_varlen():
-    """Returns (varlen_attn, accepted keyword names) or None when this PyTorch has no varlen_attn."""
-    return _TORCH_VARLEN
-
-
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Backends that can run tensors of this device and dtype, fastest first."""
     names = []
@@ -74,7 +70,7 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type == "cuda" and half:
         if _flash_attn_varlen() is not None:
             names.append("flash_attn")
-        if _torch_varlen() is not None:
+        if _TORCH_VARLEN is not None:
             names.append("torch_varlen")
         names.append("aten_flash")  # only when forced: no faster step than torch_varlen (module docstring)
     names.append("sdpa")
@@ -144,7 +140,7 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int) -> tuple[torch.Tensor
 
 
 def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-    varlen_attn, params = _torch_varlen()
+    varlen_attn, params = _TORCH_VARLEN
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = softmax_scale
