@@ -187,6 +187,11 @@ def train(
     if backend:
         overrides.append(f"train.backend={backend}")
     cfg, _ = _config(config, overrides)
+    if "RANK" not in os.environ:
+        from train.models import load_hf_config
+        from train.trainer import check_layout
+
+        check_layout(cfg.train, load_hf_config(cfg.model.name_or_path), nproc)  # before any process starts
     if nproc > 1 and "RANK" not in os.environ:
         from train.trainer import launch_with_torchrun
 

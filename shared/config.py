@@ -207,9 +207,12 @@ class TrainConfig:
     N steps instead (train/gc_policy.py; ~5 ms per step on one GPU, more to gain with several, where a pause on
     one rank stalls all). 0 leaves Python's default."""
     tensor_parallel: int = 1
-    pipeline_parallel: int = 1
+    """Tensor-parallel size: each layer's weights split over this many GPUs (heads, FFN, vocabulary)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in tensor-parallel regions (needs tensor_parallel > 1)."""
+    expert_parallel: int = 1
+    """Expert-parallel size (MoE models): the experts of each MoE layer split over this many GPUs, taken from
+    the data-parallel ones, tokens exchanged with an all-to-all. Divides the process count / tensor_parallel."""
     seed: int = 1234
     save_interval: int = 100
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
@@ -238,7 +241,8 @@ class TrainConfig:
         _check(0 <= self.warmup_fraction < 1, f"{path}.warmup_fraction", "must be in [0, 1)")
         _check(self.recompute in ("none", "selective", "full"), f"{path}.recompute", "must be none, selective or full")
         _check(self.gc_interval >= 0, f"{path}.gc_interval", "must be >= 0 (0: Python's automatic garbage collection)")
-        _check(self.tensor_parallel >= 1 and self.pipeline_parallel >= 1, f"{path}.tensor_parallel", "sizes must be >= 1")
+        _check(self.tensor_parallel >= 1, f"{path}.tensor_parallel", "must be >= 1")
+        _check(self.expert_parallel >= 1, f"{path}.expert_parallel", "must be >= 1")
         _check(
             not self.sequence_parallel or self.tensor_parallel > 1,
             f"{path}.sequence_parallel",

@@ -102,3 +102,38 @@ def sample_shards(tmp_path_factory) -> Path:
     )
     run_preprocess(cfg, progress=False)
     return out / "geo3k" / "train"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny-qwen3-vl written by transformers' save_pretrained, with its processor (which export copies):
+    the one starting point of runs that must train the same model. Its norm weights are random too (not all
+    ones), so a norm whose gradient is reduced wrongly changes the result."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from shared.presets import load_processor
+    from train.models import load_hf_config
+
+    out = tmp_path_factory.mktemp("init") / "tiny"
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(load_hf_config("tiny-qwen3-vl"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(out))
+    load_processor("tiny-qwen3-vl").processor.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def one_sample_eval(demo_data, tmp_path_factory) -> Path:
+    """An eval split of a single problem: fewer samples than ranks, so one rank has nothing to evaluate."""
+    from preprocess.pipeline import run_preprocess
+
+    out = tmp_path_factory.mktemp("one-eval")
+    cfg = make_config(out, {"test": str(demo_data / "test.parquet")}, **{"source.max_rows": "1"})
+    run_preprocess(cfg, progress=False)
+    return out / "geo3k" / "test"

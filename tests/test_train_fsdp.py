@@ -47,25 +47,15 @@ def fsdp_2proc(demo_shards: Path, init: Path, out: Path, *extra: str) -> subproc
 
 
 @pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny-qwen3-vl saved as a transformers model folder (with its processor, which export copies):
-    the shared starting weights."""
-    from transformers import AutoModelForImageTextToText
-
-    from shared.presets import load_processor
-    from train.models import load_hf_config
-
-    out = tmp_path_factory.mktemp("init") / "tiny"
-    torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(load_hf_config("tiny-qwen3-vl"), dtype=torch.float32).save_pretrained(str(out))
-    load_processor("tiny-qwen3-vl").processor.save_pretrained(str(out))
-    return out
+def init_checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def full_run(demo_shards, init_checkpoint, tmp_path_factory) -> Path:
+def full_run(demo_shards, init_checkpoint, one_sample_eval, tmp_path_factory) -> Path:
+    # eval on one problem with two ranks: rank 1 has nothing to evaluate and must still take part
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    proc = fsdp_2proc(demo_shards, init_checkpoint, out)
+    proc = fsdp_2proc(demo_shards, init_checkpoint, out, "--set", f"train.eval_shards={one_sample_eval}")
     assert "world 2 (tp 1, dp 2)" in proc.stdout
     assert f"step {STEPS}/{STEPS}" in proc.stdout and f"eval @ step {STEPS}" in proc.stdout
     return out

@@ -3,6 +3,12 @@
 `geo3k train` runs as one process per GPU (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK); a plain single
 process is a world of one. NCCL on GPUs, gloo on CPU. NVLink multicast stays off (NCCL_NVLS_ENABLE=0):
 on shared hosts it can take the GPUs down.
+
+Megatron-Core on CPU (CI, laptops): its tensor-parallel collectives are plain torch.distributed calls that
+gloo runs, but they allocate their output buffers on `torch.cuda.current_device()`, and sequence parallelism
+forks the CUDA RNG tracker around every block. `_megatron_on_cpu` points the first at the CPU and installs
+Megatron's own no-op tracker (the layers draw no random numbers: dropout is 0), so TP, SP and EP run on CPU
+processes exactly as on GPUs, which is how the parallel layouts are proven in CI (tests/test_parallel_layouts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class World:
     dp: int
     dp_rank: int
     tp_rank: int
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -39,8 +47,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1) -> World:
-    """Start (or join) the process group and Megatron-Core's model-parallel state."""
+def _megatron_on_cpu() -> None:
+    """Let Megatron-Core's collectives and sequence-parallel blocks run in a process without CUDA."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # Megatron calls this only to place the buffers of all-gathers, reduce-scatters and all-to-alls (and CUDA
+    # initialisation, which use_cpu_initialization skips); without a GPU those buffers belong on the CPU.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # The inference tracker's fork() is a no-op: nothing inside the layers is random (dropout 0).
+    mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
+    """Start (or join) the process group and Megatron-Core's model-parallel state.
+
+    tp x pp ranks hold one model replica; experts are split over ep ranks, which Megatron carves out of the
+    data-parallel ranks (so ep divides world_size / (tp x pp))."""
     from megatron.core import parallel_state
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -51,10 +75,10 @@ def init_distributed(tp: int = 1, pp: int = 1) -> World:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size % (tp * pp):
+    if world_size % (tp * pp) or (world_size // (tp * pp)) % ep:
         raise ValueError(
-            f"{world_size} processes cannot hold tensor_parallel={tp} x pipeline_parallel={pp}: "
-            "use a process count that is a multiple of their product"
+            f"{world_size} processes cannot hold tensor_parallel={tp} x pipeline_parallel={pp} with expert_parallel={ep}: "
+            "use a process count that is a multiple of tp x pp x ep"
         )
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -67,7 +91,10 @@ def init_distributed(tp: int = 1, pp: int = 1) -> World:
             device_id=device if cuda else None,
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        )
+    _megatron_on_cpu()
     return World(
         rank=rank,
         world_size=world_size,
@@ -78,6 +105,8 @@ def init_distributed(tp: int = 1, pp: int = 1) -> World:
         dp=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        ep=ep,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 
@@ -88,12 +117,6 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
 
 
 def barrier() -> None:

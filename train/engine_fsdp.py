@@ -30,14 +30,15 @@ data path, schedule, eval, logging and export of train/trainer.py are shared; on
 Collectives. FSDP all-gathers every layer's parameters in its forward, so all ranks must run the same forwards:
 - training runs every micro-batch, also the padding-only ones (the loader gives every rank the same count), and
   a micro-batch without images still runs the vision tower on a dummy image (its output times 0 joins the loss);
-- eval and generation run a different number of forwards per rank (greedy decoding stops early), so the first
-  eval call gathers all parameters once (a collective: every rank reaches it, as Trainer.evaluate calls eval_loss
-  on every rank that holds eval samples, i.e. all when the eval set has >= dp samples) and keeps them gathered;
-  the next train_step or save frees them again. This holds the full model on each GPU during eval.
+- eval and generation run a different number of forwards per rank (greedy decoding stops early; a rank may hold
+  no eval sample at all), so `evaluating()`, which the trainer enters on every rank, gathers all parameters once
+  and keeps them gathered until eval ends: the forwards in between need no collective. This holds the full model
+  on each GPU during eval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 from pathlib import Path
@@ -201,11 +202,8 @@ class FSDPEngine:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        if world.tp > 1 or world.pp > 1 or cfg.sequence_parallel:
-            raise FSDPConfigError(
-                "train.backend=fsdp shards over data-parallel ranks only: set train.tensor_parallel=1, "
-                "train.pipeline_parallel=1 and train.sequence_parallel=false (or use train.backend=megatron)"
-            )
+        if world.tp > 1 or world.ep > 1 or cfg.sequence_parallel:  # the trainer refuses these first (check_layout)
+            raise FSDPConfigError("train.backend=fsdp shards over data-parallel ranks only")
         self.cfg = cfg
         self.world = world
         self.hf_config = hf_config
@@ -250,13 +248,11 @@ class FSDPEngine:
             torch.zeros(m * m, width, device=world.device),
             torch.tensor([[1, m, m]], dtype=torch.long, device=world.device),
         )
-        self._gathered = False
 
     # ---------------------------------------------------------------- one step
 
     def train_step(self, micro_batches: list, num_loss_tokens: int, lr: float) -> dict[str, Any]:
         """Forward/backward every micro-batch (gradients reduce-scattered in each backward), clip, step."""
-        self._free_gathered()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         for group in self.optimizer.param_groups:
@@ -303,36 +299,33 @@ class FSDPEngine:
             getattr(mb, "image_positions", None) if has_images else None,
         )
 
+    lockstep_eval = False
+    """Eval forwards need no collective: `evaluating()` gathers the parameters first."""
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """All-gather every parameter once (a collective: every rank enters this) and keep it gathered, so that
+        ranks may run different numbers of eval forwards (see the module docstring); reshard on exit."""
+        for m in self.fsdp_modules:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m in self.fsdp_modules:
+                m.reshard()
+                if m is not self.model:  # the root keeps FSDP's own choice (no reshard after forward)
+                    m.set_reshard_after_forward(True, recurse=False)
+            self.model.train()
+
     @torch.no_grad()
     def eval_loss(self, mb) -> torch.Tensor:
-        self._gather_for_eval()
-        self.model.eval()
         return self.forward(mb, labels=True).float()
 
     @torch.no_grad()
     def logits(self, mb) -> torch.Tensor:
-        self._gather_for_eval()
-        self.model.eval()
         return self.forward(mb, labels=False)
-
-    def _gather_for_eval(self) -> None:
-        """All-gather every parameter once and keep it gathered, so that ranks may run different numbers of
-        eval forwards (see the module docstring)."""
-        if self._gathered:
-            return
-        for m in self.fsdp_modules:
-            m.unshard()
-            m.set_reshard_after_forward(False, recurse=False)
-        self._gathered = True
-
-    def _free_gathered(self) -> None:
-        if not self._gathered:
-            return
-        for m in self.fsdp_modules:
-            m.reshard()
-            if m is not self.model:  # the root keeps FSDP's own choice (no reshard after forward)
-                m.set_reshard_after_forward(True, recurse=False)
-        self._gathered = False
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -341,7 +334,6 @@ class FSDPEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        self._free_gathered()
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(ckpt) / DCP_DIR))
 
@@ -352,7 +344,6 @@ class FSDPEngine:
         path = Path(ckpt) / DCP_DIR
         if not (path / ".metadata").exists():
             raise FileNotFoundError(f"{ckpt} has no {DCP_DIR}/ (FSDP state): was it saved by the megatron backend? Resume with --backend megatron")
-        self._free_gathered()
         model_state, optim_state = get_state_dict(self.model, self.optimizer)  # the layout to load into
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(path))

@@ -6,9 +6,11 @@ weights, Adam states sharded over data-parallel ranks; torch kernels without Ape
 
 Megatron's DDP buffers and optimizers are CUDA-only (they allocate on `torch.cuda` and assert CUDA tensor
 types), so on a CPU machine (CI, laptops) the same model trains in fp32 with `torch.optim.AdamW` and a plain
-gradient all-reduce. Both paths use the same loss, parameter groups (no weight decay on biases and norms, as
-Megatron), clipping and schedule; tests/test_train_e2e.py exercises the CPU path end to end, and the GPU runs
-in BENCHMARKS.md the Megatron one.
+gradient all-reduce; the model itself, its tensor/sequence/expert-parallel layers and Megatron's gradient
+finalisation run as on GPUs (train/distributed.py). Both paths use the same loss, parameter groups (no weight
+decay on biases and norms, as Megatron), clipping and schedule; tests/test_train_e2e.py and
+tests/test_parallel_layouts.py exercise the CPU path end to end, and the GPU runs in BENCHMARKS.md the
+Megatron one.
 
 Loss: the model returns the per-token loss; each micro-batch contributes sum(loss) / (loss tokens of the
 *global* batch). With `calculate_per_token_loss` Megatron's DDP sums (not averages) gradients over
@@ -17,6 +19,7 @@ data-parallel ranks, so the step's gradient is exactly that of the global per-to
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -58,12 +61,24 @@ def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.A
 
 
 class _LocalDDP(torch.nn.Module):
-    """CPU stand-in for Megatron's DDP: gradients summed over data-parallel ranks at the end of a step."""
+    """CPU stand-in for Megatron's DDP: gradients summed over data-parallel ranks at the end of a step.
 
-    def __init__(self, module: torch.nn.Module, group):
+    Expert weights (Megatron marks them `allreduce=False`) differ between expert-parallel ranks, so their
+    gradients are summed over the expert-data-parallel group instead, as Megatron's DDP does. Megatron's
+    `finalize_model_grads` calls `finish_grad_sync` and then reduces what the parallel layout leaves partial
+    (see MegatronEngine.train_step); `ddp_config` is the one field it reads."""
+
+    def __init__(self, module: torch.nn.Module):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallelConfig
+
         super().__init__()
         self.module = module
-        self.group = group
+        self.ddp_config = DistributedDataParallelConfig()
+        self.groups = {
+            True: parallel_state.get_data_parallel_group(),
+            False: parallel_state.get_expert_data_parallel_group(),
+        }
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -72,12 +87,13 @@ class _LocalDDP(torch.nn.Module):
         for p in self.module.parameters():
             p.grad = None
 
-    def finish_grad_sync(self) -> None:
-        if dist.get_world_size(self.group) > 1:
-            for p in self.module.parameters():
+    def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+        for p in self.module.parameters():
+            group = self.groups[getattr(p, "allreduce", True)]
+            if dist.get_world_size(group) > 1:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.group)
+                dist.all_reduce(p.grad, group=group)
 
 
 class _TorchOptimizer:
@@ -121,11 +137,6 @@ class _TorchOptimizer:
         self.optimizer.step()
         return True, norm, None
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
 
 class MegatronEngine:
@@ -143,7 +154,6 @@ class MegatronEngine:
         bf16 = cfg.bf16 and self.cuda
         overrides: dict[str, Any] = dict(
             tensor_model_parallel_size=cfg.tensor_parallel,
-            pipeline_model_parallel_size=cfg.pipeline_parallel,
             sequence_parallel=cfg.sequence_parallel,
             calculate_per_token_loss=True,
             bf16=bf16,
@@ -181,7 +191,9 @@ class MegatronEngine:
             self.compiled_layers = compile_layers(model)
         self.model_config = model.config
         self.inner = model  # the unwrapped QwenVLModel (checkpoints, export, generation)
-        dp_group = parallel_state.get_data_parallel_group()
+        from megatron.core.distributed import finalize_model_grads
+
+        self._finalize_grads = finalize_model_grads
         if self.cuda:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -211,7 +223,7 @@ class MegatronEngine:
                 [self.model],
             )
         else:
-            self.model = _LocalDDP(model, dp_group)
+            self.model = _LocalDDP(model)
             self.optimizer = _TorchOptimizer(model, cfg, parallel_state.get_tensor_model_parallel_group())
 
     # ---------------------------------------------------------------- one step
@@ -232,7 +244,12 @@ class MegatronEngine:
             loss = per_token.sum()
             (loss / denom).backward()
             loss_sum += loss.detach()
-        self.model.finish_grad_sync()
+        # Data-parallel reduction, then what the layout leaves partial on each rank: weights replicated over
+        # tensor-parallel ranks that see only part of the computation (Qwen3's q/k norms, which act on this
+        # rank's heads; every norm and router under sequence parallelism, which see this rank's tokens) are
+        # summed over the TP group, so all copies take the same update. Megatron-Core's own function, on
+        # both the GPU path and the CPU one (_LocalDDP).
+        self._finalize_grads([self.model])
         ok, grad_norm, _ = self.optimizer.step()
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok}
 
@@ -249,73 +266,64 @@ class MegatronEngine:
             image_index=mb.image_positions if mb.num_images else None,
         )
 
+    @property
+    def lockstep_eval(self) -> bool:
+        """Expert parallelism's all-to-all makes every forward a collective over the data-parallel ranks."""
+        return self.world.ep > 1
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
     @torch.no_grad()
     def eval_loss(self, mb) -> torch.Tensor:
-        self.model.eval()
         return self.forward(mb, labels=True).sum()
 
     @torch.no_grad()
     def logits(self, mb) -> torch.Tensor:
-        self.model.eval()
         return self.forward(mb, labels=False)
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, ckpt: Path) -> None:
-        """Per tensor-parallel rank: its model shard and optimizer state (the DP ranks' optimizer shards
-        gathered to DP rank 0 in Megatron's DP-size-independent layout, so a run can resume on another
-        number of data-parallel GPUs)."""
+        """Per tensor-parallel rank: its model shard and its optimizer state by parameter name, gathered over
+        data-parallel ranks (train/megatron_state.py), so a run can resume on another number of GPUs."""
+        from train.megatron_state import optimizer_state
+
         w = self.world
         tag = f"tp{w.tp_rank:02d}"
-        if self.cuda:
-            self.optimizer.save_parameter_state(str(ckpt / f"optim_params_{tag}.pt"))  # collective over DP
+        optim = optimizer_state(self._optimizer_core, self._named_params, distributed=self.cuda)  # collective over DP
         if w.dp_rank == 0:
             torch.save({k: v.detach().cpu() for k, v in self.inner.state_dict().items() if torch.is_tensor(v)}, ckpt / f"model_{tag}.pt")
-            torch.save(self.optimizer.state_dict(), ckpt / f"optim_{tag}.pt")
+            torch.save(optim, ckpt / f"optim_{tag}.pt")
 
     def load(self, ckpt: Path) -> None:
+        """Load a checkpoint of any tensor-parallel size (merged and re-split when it differs from this run's)."""
+        from train.megatron_state import load_optimizer_state, resharded
         from train.models.convert import load_megatron_state
 
-        tag = f"tp{self.world.tp_rank:02d}"
-        path = ckpt / f"model_{tag}.pt"
-        if not path.exists():
-            found = sorted(p.name for p in ckpt.glob("model_tp*.pt"))
-            raise FileNotFoundError(
-                f"{ckpt} has no {path.name} (it holds {', '.join(found)}): resume with the tensor_parallel size "
-                f"it was saved with ({len(found)})"
-            )
-        load_megatron_state(self.inner, torch.load(path, map_location="cpu", weights_only=True))
-        self.optimizer.load_state_dict(torch.load(ckpt / f"optim_{tag}.pt", map_location="cpu", weights_only=False))
-        if self.cuda:
-            load_parameter_state(self.optimizer, ckpt / f"optim_params_{tag}.pt")
+        model, optim = resharded(ckpt, self.world.tp_rank, self.world.tp, self.hf_config)
+        load_megatron_state(self.inner, model)
+        load_optimizer_state(self._optimizer_core, self._named_params, optim, distributed=self.cuda)
 
+    @property
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
 
-def load_parameter_state(optimizer, path: Path) -> None:
-    """Megatron's `load_parameter_state` for its distributed optimizer without Apex/TE, minus two bugs there.
-
-    Without Apex/TE the distributed optimizer runs torch.optim.AdamW, whose per-parameter state holds a "step"
-    tensor beside exp_avg/exp_avg_sq. Megatron's `load_state_dict` (called before this) puts one and the same
-    step tensor into every parameter's state, and `load_parameter_state` copies *every* state key from the
-    file, which holds param, exp_avg and exp_avg_sq only. So: (1) KeyError 'step'; (2) were it loaded, AdamW
-    increments the shared step once per parameter, giving each parameter a wrong Adam bias correction after
-    a resume. Both showed when a 2-GPU checkpoint was resumed on 1 H200 (docs/validation). Here the steps are
-    set aside for the copy and put back as one tensor per parameter."""
-    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    set_aside = [{p: st.pop("step") for p, st in opt.state.items() if "step" in st} for opt in inner]
-    try:
-        optimizer.load_parameter_state(str(path))
-    finally:
-        for opt, steps in zip(inner, set_aside):
-            for p, step in steps.items():
-                opt.state[p]["step"] = step.clone()
+    @property
+    def _optimizer_core(self):
+        """Megatron's (chained) distributed optimizer on GPUs; torch AdamW itself on CPU."""
+        return self.optimizer if self.cuda else self.optimizer.optimizer
 
 
 def merged_model_state(ckpt: Path, hf_config) -> dict[str, torch.Tensor]:
     """The full (tensor-parallel size 1) model state of a checkpoint, for export."""
+    from train.megatron_state import rank_files
     from train.models.convert import merge_tensor_parallel
 
-    files = sorted(ckpt.glob("model_tp*.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt} holds no model_tp*.pt: is it a geo3k Megatron checkpoint?")
-    ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in rank_files(ckpt, "model")]
     return ranks[0] if len(ranks) == 1 else merge_tensor_parallel(ranks)

@@ -4,6 +4,14 @@ Generation needs no KV cache to be correct, only to be fast: each new token re-r
 (several problems per forward, within the token budget), which for Geo3K's ~300-token prompts and short
 answers costs a few seconds per eval. Problems are split over data-parallel ranks; tensor-parallel ranks
 run the same problems together.
+
+Every layout runs eval, whatever the split leaves a rank:
+- micro-batches are padded to what sequence parallelism needs (`DataConfig.pad_to_multiple_of`, generation too);
+- where a forward is a collective across data-parallel ranks (`engine.lockstep_eval`: expert parallelism's
+  all-to-all), every rank runs the same number of forwards: a rank with nothing left runs a padding-only one,
+  and the ranks agree (one all-reduce per forward) on whether anyone still has work;
+- the engine is told when eval starts and ends on every rank (`engine.evaluating()`), so a backend that must
+  prepare collectively (FSDP gathers its parameters) does it on all ranks, also those without eval samples.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> di
     loader = build_loader(shard_dir, cfg, world.dp_rank, world.dp)
     total = torch.zeros(2, dtype=torch.float64, device=world.device)
     for step in loader:
+        # the plan gives every rank the same number of micro-batches (padding-only ones where a rank has too
+        # few samples); they are skipped unless the forward is a collective
         for mb in step.micro_batches:
-            if mb.num_real_tokens == 0:
+            if mb.num_real_tokens == 0 and not engine.lockstep_eval:
                 continue
             mb = mb.to(world.device, pixel_dtype=pixel_dtype)
             total[0] += engine.eval_loss(mb).double()
@@ -38,11 +48,22 @@ def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> di
     return {"loss": float(total[0] / max(total[1], 1.0)), "samples": ss.num_samples}
 
 
-def _dp_sum(t: torch.Tensor, world) -> None:
+def _dp_group():
     from megatron.core import parallel_state
 
+    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+
+
+def _dp_sum(t: torch.Tensor, world) -> None:
     if dist.is_initialized() and world.dp > 1:
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(t, group=_dp_group())
+
+
+def _anyone(flag: bool, world) -> bool:
+    """Whether any data-parallel rank passes True (every rank calls this together)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_dp_group())
+    return bool(t.item())
 
 
 def prompt_of(sample: Sample) -> Sample:
@@ -53,9 +74,34 @@ def prompt_of(sample: Sample) -> Sample:
 
 
 @torch.no_grad()
-def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int, device, pixel_dtype) -> list[list[int]]:
-    """Greedy continuation of each prompt until `stop_id` or max_new_tokens."""
+def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int, world, pixel_dtype) -> list[list[int]]:
+    """Greedy continuation of each prompt until `stop_id` or max_new_tokens (`spec.pad_to_multiple_of` pads
+    each forward for sequence parallelism)."""
+    lockstep = engine.lockstep_eval and world.dp > 1
     out: list[list[int]] = [[] for _ in prompts]
+    steps = _decode_steps(prompts, out, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget)
+    while True:
+        item = next(steps, None)
+        if lockstep and not _anyone(item is not None, world):
+            break
+        if item is None:
+            if not lockstep:
+                break
+            # this rank is done but another still decodes: join its forward with a padding-only one
+            engine.logits(pack_samples([], spec).to(world.device, pixel_dtype=pixel_dtype))
+            continue
+        live, mb = item
+        logits = engine.logits(mb.to(world.device, pixel_dtype=pixel_dtype))
+        last = mb.cu_seqlens[1 : len(live) + 1].long() - 1
+        nxt = logits[last.to(logits.device)].float().argmax(dim=-1).tolist()
+        for i, t in zip(live, nxt):
+            out[i].append(int(t))
+    return out
+
+
+def _decode_steps(prompts: list[Sample], out: list[list[int]], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int):
+    """Yields (live prompt indices, packed micro-batch) for each forward of greedy decoding; the caller appends
+    each live prompt's next token to `out` before asking for the next forward."""
     # groups of prompts that fit the token budget with their answers
     groups, cur, used = [], [], 0
     for i, p in enumerate(prompts):
@@ -74,17 +120,8 @@ def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new
                 break
             batch = [replace(prompts[i], input_ids=np.concatenate([prompts[i].input_ids, np.asarray(out[i], np.int32)]).astype(np.int32),
                              loss_mask=np.zeros(prompts[i].num_tokens + len(out[i]), np.uint8)) for i in live]
-            mb = pack_samples(batch, spec).to(device, pixel_dtype=pixel_dtype)
-            logits = engine.logits(mb)
-            last = mb.cu_seqlens[1 : len(live) + 1].long() - 1
-            nxt = logits[last].float().argmax(dim=-1).tolist()
-            still = []
-            for i, t in zip(live, nxt):
-                out[i].append(int(t))
-                if t != stop_id and len(out[i]) < max_new_tokens:
-                    still.append(i)
-            live = still
-    return out
+            yield live, pack_samples(batch, spec)
+            live = [i for i in live if out[i][-1] != stop_id and len(out[i]) < max_new_tokens]
 
 
 def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int, max_new_tokens: int, budget: int, tokenizer, stop_id: int, pixel_dtype) -> dict[str, Any]:
@@ -96,7 +133,7 @@ def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: i
         if i % world.dp == world.dp_rank:
             samples.append(s)
     prompts = [prompt_of(s) for s in samples]
-    gens = generate_greedy(engine, prompts, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, device=world.device, pixel_dtype=pixel_dtype)
+    gens = generate_greedy(engine, prompts, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, world=world, pixel_dtype=pixel_dtype)
     correct = 0
     examples = []
     for s, g in zip(samples, gens):

@@ -65,6 +65,39 @@ def check_shards_fit_model(processor: dict[str, Any], hf_config, where: Path) ->
         )
 
 
+def check_layout(tc, hf_config, world_size: int) -> None:
+    """Refuse a parallel layout that cannot work, before any process group or model exists (the CLI calls this
+    with --nproc before it starts the processes; each process calls it again with the real world size)."""
+    tp, ep = tc.tensor_parallel, tc.expert_parallel
+    text = hf_config.text_config
+    problems = []
+    if tc.backend == "fsdp" and (tp > 1 or ep > 1 or tc.sequence_parallel):
+        problems.append(
+            "train.backend=fsdp shards over data-parallel ranks only: set train.tensor_parallel=1, "
+            "train.expert_parallel=1 and train.sequence_parallel=false, or use train.backend=megatron"
+        )
+    if world_size % (tp * ep):
+        problems.append(
+            f"train.tensor_parallel={tp} x train.expert_parallel={ep} needs a multiple of {tp * ep} processes, "
+            f"not {world_size}: start with --nproc {tp * ep} (or a multiple), or lower them"
+        )
+    for name, value in (
+        ("num_attention_heads", text.num_attention_heads),
+        ("num_key_value_heads", text.num_key_value_heads),
+        ("intermediate_size", text.intermediate_size),
+        ("vocab_size", text.vocab_size),
+    ):
+        if value % tp:
+            problems.append(f"the model's {name} ({value}) is not divisible by train.tensor_parallel={tp}: choose a divisor")
+    num_experts = getattr(text, "num_experts", 0) or 0
+    if ep > 1 and not num_experts:
+        problems.append(f"train.expert_parallel={ep} needs a MoE model; {hf_config.model_type} has no experts: set it to 1")
+    elif num_experts % ep:
+        problems.append(f"the model's {num_experts} experts do not split over train.expert_parallel={ep}: choose a divisor")
+    if problems:
+        raise TrainError("; ".join(problems))
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -110,14 +143,13 @@ class Trainer:
 
         self.cfg = cfg
         tc = cfg.train
-        if tc.pipeline_parallel > 1:
-            raise TrainError("train.pipeline_parallel > 1 is not supported yet: use tensor and data parallelism")
-        self.world: World = init_distributed(tc.tensor_parallel, tc.pipeline_parallel)
+        self.hf_config = load_hf_config(cfg.model.name_or_path)
+        check_layout(tc, self.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
+        self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
         self.out_dir = Path(tc.output_dir)
         self.train_dir = cfg.train_shards()
         shard_set = ShardSet(self.train_dir)
         self.fingerprint = shard_set.fingerprint
-        self.hf_config = load_hf_config(cfg.model.name_or_path)
         check_shards_fit_model(shard_set.processor, self.hf_config, self.train_dir)
         self.eval_dir = cfg.eval_shards() if (cfg.eval_shards() / "manifest.json").exists() else None
         if self.eval_dir is not None:
@@ -210,6 +242,9 @@ class Trainer:
                 f"{self.fingerprint[:12]}…: resume on the same shards or start a new run (another train.output_dir)"
             )
         self.engine.load(ckpt)
+        saved_tp = state.get("tensor_parallel", self.world.tp)
+        if saved_tp != self.world.tp:
+            self.say(f"{ckpt} was saved with tensor_parallel={saved_tp}: its model and optimizer state are re-split for {self.world.tp}")
         self.loader.load_state_dict(state["data"])
         rng = ckpt / f"rng_rank{self.world.rank:03d}.pt"
         if rng.exists():
@@ -222,9 +257,18 @@ class Trainer:
     def evaluate(self) -> dict[str, Any] | None:
         if self.eval_dir is None:
             return None
+        t0 = time.perf_counter()
+        with self.engine.evaluating():
+            res = self._evaluate()
+        res["seconds"] = time.perf_counter() - t0
+        self.logger.log("eval", self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
+        acc_txt = f", accuracy {100 * res['accuracy']:.1f}% of {res['answered']}" if "accuracy" in res else ""
+        self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{acc_txt} ({res['seconds']:.1f}s)")
+        return res
+
+    def _evaluate(self) -> dict[str, Any]:
         from train.evaluate import eval_accuracy, eval_loss
 
-        t0 = time.perf_counter()
         res: dict[str, Any] = eval_loss(self.engine, self.eval_dir, self.data_cfg, self.world, self.pixel_dtype)
         tc = self.cfg.train
         if tc.eval_samples:
@@ -237,7 +281,7 @@ class Trainer:
             except Exception as e:  # decoding is for reading answers; without it accuracy cannot be scored
                 self.say(f"note: no tokenizer for eval answers ({e}); accuracy skipped")
             if tokenizer is not None:
-                spec = PackingSpec.from_processor_identity(ss.processor)
+                spec = PackingSpec.from_processor_identity(ss.processor, self.data_cfg.pad_to_multiple_of)
                 acc = eval_accuracy(
                     self.engine, self.eval_dir, spec, self.world,
                     num_samples=tc.eval_samples, max_new_tokens=tc.eval_max_new_tokens,
@@ -248,10 +292,6 @@ class Trainer:
                 if self.world.is_main and acc["examples"]:
                     ex = acc["examples"][0]
                     self.say(f"  e.g. {ex['key']}: answer {ex['answer']!r}, generated {ex['generated']!r}")
-        res["seconds"] = time.perf_counter() - t0
-        self.logger.log("eval", self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
-        acc_txt = f", accuracy {100 * res['accuracy']:.1f}% of {res['answered']}" if "accuracy" in res else ""
-        self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{acc_txt} ({res['seconds']:.1f}s)")
         return res
 
     # -- train

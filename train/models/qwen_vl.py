@@ -410,6 +410,29 @@ class QwenVLModel(MegatronModule):
         return emb, deepstack
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give every tensor-parallel weight Megatron-Core's `tensor_model_parallel` / `partition_dim` attributes.
+
+    Megatron-Core sets them only inside its own weight initialisation, so a model built to receive a checkpoint
+    (`perform_initialization=False`) has none, and the code that reads them then treats split weights as
+    replicated: its gradient norm counts them on TP rank 0 only (a wrong norm, so wrong clipping, under TP)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}.get(type(module))
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
 def build_model(hf_config, **overrides) -> QwenVLModel:
-    """A randomly initialised model for a transformers Qwen-VL config (load weights with convert.py)."""
-    return QwenVLModel(hf_config, transformer_config_from_hf(hf_config, **overrides))
+    """A model for a transformers Qwen-VL config: randomly initialised, or empty for a checkpoint
+    (`perform_initialization=False`; load weights with convert.py)."""
+    model = QwenVLModel(hf_config, transformer_config_from_hf(hf_config, **overrides))
+    mark_tensor_parallel_weights(model)
+    return model
