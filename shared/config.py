@@ -213,6 +213,13 @@ class TrainConfig:
     expert_parallel: int = 1
     """Expert-parallel size (MoE models): the experts of each MoE layer split over this many GPUs, taken from
     the data-parallel ones, tokens exchanged with an all-to-all. Divides the process count / tensor_parallel."""
+    moe_grouped_gemm: bool = True
+    """MoE models, Megatron backend: all local experts in two grouped GEMMs (torch._grouped_mm); false runs one
+    GEMM pair per expert (the reference, ~50x slower on GPUs)."""
+    moe_aux_loss: bool = False
+    """MoE models: train on the load-balancing loss too, weighted by the model config's router_aux_loss_coef
+    (per MoE layer, mean over micro-batches). Off by default, as transformers fine-tunes (it adds the loss only
+    with output_router_logits). The expert load and the loss value are logged either way."""
     seed: int = 1234
     save_interval: int = 100
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""

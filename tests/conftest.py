@@ -24,6 +24,47 @@ def geo3k(*args: str, cwd: Path, threads: int = 2) -> subprocess.CompletedProces
     return proc
 
 
+def from_checkpoint_args(demo_shards: Path, init: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`geo3k train` on the demo shards from the checkpoint folder `init` (tiny-cpu.yaml otherwise): batches of
+    4, a constant learning rate, a checkpoint every step (all kept) and eval at the end."""
+    return [
+        "train",
+        "-c", str(REPO / "examples" / "tiny-cpu.yaml"),
+        "--set", f"model.name_or_path={init}",
+        "--set", "train.random_init=false",
+        "--set", f"train.shards={demo_shards / 'train'}",
+        "--set", f"train.eval_shards={demo_shards / 'test'}",
+        "--set", f"train.output_dir={out}",
+        "--set", "train.global_batch_size=4",
+        "--set", f"train.train_iters={steps}",
+        "--set", "train.save_interval=1",
+        "--set", "train.keep_checkpoints=0",
+        "--set", f"train.eval_interval={steps}",
+        "--set", "train.eval_samples=2",
+        "--set", "train.warmup_fraction=0",
+        "--set", "train.min_lr=1e-3",  # = train.lr of tiny-cpu.yaml: a constant rate
+        *extra,
+    ]
+
+
+def resume_from(run: Path, step: int, into: Path) -> None:
+    """`into` as a run folder that holds `run`'s checkpoint of `step` as its latest (a run killed after it)."""
+    import shutil
+
+    name = f"step-{step:07d}"
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / name, into / "checkpoints" / name)
+    (into / "checkpoints" / "latest").write_text(name)
+
+
+def max_relative_differences(got: dict, ref: dict, init: dict) -> tuple[tuple[float, str], tuple[float, str]]:
+    """((worst relative L2 difference of a tensor, its name), (the same for a tensor's update trained - init))."""
+    assert set(got) == set(ref) == set(init)
+    tensor = max((((got[k] - ref[k]).norm() / ref[k].norm()).item(), k) for k in ref)
+    update = max(((((got[k] - init[k]) - (ref[k] - init[k])).norm() / (ref[k] - init[k]).norm().clamp_min(1e-30)).item(), k) for k in ref)
+    return tensor, update
+
+
 def train_losses(run: Path) -> dict[int, float]:
     """step -> training loss, from a run folder's metrics.jsonl."""
     import json
@@ -104,28 +145,40 @@ def sample_shards(tmp_path_factory) -> Path:
     return out / "geo3k" / "train"
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny-qwen3-vl written by transformers' save_pretrained, with its processor (which export copies):
-    the one starting point of runs that must train the same model. Its norm weights are random too (not all
-    ones), so a norm whose gradient is reduced wrongly changes the result."""
+def random_checkpoint(preset: str, out: Path) -> Path:
+    """A random model of `preset` written by transformers' save_pretrained, with its processor (which export
+    copies). Its norm weights and MoE routers and experts are random too (not ones and zeros), so a weight whose
+    gradient is reduced wrongly changes the result."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from shared.presets import load_processor
     from train.models import load_hf_config
 
-    out = tmp_path_factory.mktemp("init") / "tiny"
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(load_hf_config("tiny-qwen3-vl"), dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_config(load_hf_config(preset), dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif ".experts." in name or name.endswith("mlp.gate.weight"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
     model.save_pretrained(str(out))
-    load_processor("tiny-qwen3-vl").processor.save_pretrained(str(out))
+    load_processor(preset).processor.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The one starting point of runs that must train the same tiny-qwen3-vl."""
+    return random_checkpoint("tiny-qwen3-vl", tmp_path_factory.mktemp("init") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory) -> Path:
+    """The one starting point of runs that must train the same tiny-qwen3-vl-moe."""
+    return random_checkpoint("tiny-qwen3-vl-moe", tmp_path_factory.mktemp("init-moe") / "tiny-moe")
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,9 @@
 """Test-only helpers to run Megatron-Core models on CPU in one process (tests, not production).
 
-Megatron-Core expects torch.distributed and its parallel state to exist, and in a few places calls
-torch.cuda directly. The model code in train/models/ avoids those places (it builds rotary embeddings
-itself and sets `use_cpu_initialization`), so the only shim needed here is:
-
-- a one-process gloo group and `parallel_state.initialize_model_parallel(1, 1)`;
-- the CUDA RNG tracker is never touched on CPU with tensor-parallel size 1 and no dropout, so it is left
-  alone. If a future Megatron-Core version needs it, `tensor_parallel.random` is where to look;
-- the MoE all-to-all token dispatcher creates a CUDA stream at construction, so CPU tests use the
-  all-gather dispatcher (the same result with one expert-parallel rank). (The MoE router's own
-  torch.cuda call is avoided in production code by `qwen_vl.LocalTopKRouter`.)
-
-Nothing here changes Megatron-Core's files or production code paths.
+Megatron-Core expects torch.distributed and its parallel state to exist: a one-process gloo group and
+`parallel_state.initialize_model_parallel(1, 1)`, plus what train/distributed.py's `megatron_on_cpu` does for
+every CPU training process (CPU buffers for collectives, the no-op RNG tracker, the all-to-all dispatcher's
+host-side split sizes).
 """
 
 from __future__ import annotations
@@ -39,6 +31,9 @@ def init_megatron_cpu() -> None:
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    from train.distributed import megatron_on_cpu
+
+    megatron_on_cpu()  # what train/distributed.py does for every CPU process
 
 
 CPU_OVERRIDES = dict(use_cpu_initialization=True, perform_initialization=False)

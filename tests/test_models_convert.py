@@ -111,3 +111,32 @@ def test_legacy_flat_names_are_read():
     assert "visual.patch_embed.proj.weight" in flat and "model.layers.0.mlp.up_proj.weight" in flat
     a, b = convert.hf_to_megatron(hf, cfg), convert.hf_to_megatron(flat, cfg)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_expert_tensor_and_expert_parallel_splits():
+    """Experts under TP: every expert's I dimension sliced (gate and up alike); under EP: whole experts."""
+    cfg = fx.tiny_config("qwen3_vl_moe", tie=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fx.hf_model_class("qwen3_vl_moe")(cfg)
+    fx.randomize_(model, seed=5)
+    hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = convert.hf_to_megatron(hf, cfg)
+    key = "language_model.decoder.layers.0.mlp.experts."
+    gate_up, down = hf["model.language_model.layers.0.mlp.experts.gate_up_proj"], hf["model.language_model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(full[key + "gate_up_proj"], gate_up) and torch.equal(full[key + "down_proj"], down)
+    inter = cfg.text_config.moe_intermediate_size
+    for r, shard in enumerate(convert.split_tensor_parallel(full, 2, cfg)):
+        half = slice(r * inter // 2, (r + 1) * inter // 2)
+        want = torch.cat([gate_up[:, :inter][:, half], gate_up[:, inter:][:, half]], dim=1)
+        assert torch.equal(shard[key + "gate_up_proj"], want)
+        assert torch.equal(shard[key + "down_proj"], down[:, :, half])
+    experts = {k: v for k, v in full.items() if convert.is_expert_key(k)}
+    assert sorted(experts) == sorted(f"language_model.decoder.layers.{i}.mlp.experts.{n}" for i in (0, 2) for n in ("gate_up_proj", "down_proj"))
+    ranks = convert.split_expert_parallel(experts, 2)
+    e = cfg.text_config.num_experts // 2
+    assert torch.equal(ranks[1][key + "gate_up_proj"], gate_up[e:])
+    merged = convert.merge_expert_parallel(ranks)
+    assert all(torch.equal(merged[k], experts[k]) for k in experts)
+    shard = convert.shard_for_rank(full, cfg, tp_rank=1, tp_size=2, ep_rank=1, ep_size=2)
+    assert torch.equal(shard[key + "down_proj"], down[e:, :, inter // 2:])

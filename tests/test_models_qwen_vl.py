@@ -29,10 +29,7 @@ def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp(family)
     cfg, hf = fx.random_hf_model(family, seed=1, save_to=ckpt)
-    # The all-to-all dispatcher (the default) allocates a CUDA stream at construction; with one expert
-    # parallel rank the all-gather dispatcher computes the same thing on CPU.
-    overrides = dict(CPU_OVERRIDES, moe_token_dispatcher_type="allgather") if family == "qwen3_vl_moe" else CPU_OVERRIDES
-    model = build_model(cfg, **overrides).eval()
+    model = build_model(cfg, **CPU_OVERRIDES).eval()
     convert.load_hf_checkpoint(model, str(ckpt))
     return family, hf, model, ckpt
 

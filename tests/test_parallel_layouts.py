@@ -27,13 +27,12 @@ one rank has nothing to evaluate (it must not hang).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, geo3k
+from tests.conftest import REPO, from_checkpoint_args, geo3k, max_relative_differences, resume_from
 from tests.conftest import train_losses as losses
 
 STEPS = 4
@@ -45,24 +44,7 @@ LAYOUTS = {
 
 
 def train_args(demo_shards: Path, init: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "-c", str(REPO / "examples" / "tiny-cpu.yaml"),
-        "--set", f"model.name_or_path={init}",
-        "--set", "train.random_init=false",
-        "--set", f"train.shards={demo_shards / 'train'}",
-        "--set", f"train.eval_shards={demo_shards / 'test'}",
-        "--set", f"train.output_dir={out}",
-        "--set", "train.global_batch_size=4",
-        "--set", f"train.train_iters={STEPS}",
-        "--set", "train.save_interval=1",
-        "--set", "train.keep_checkpoints=0",
-        "--set", f"train.eval_interval={STEPS}",
-        "--set", "train.eval_samples=2",
-        "--set", "train.warmup_fraction=0",
-        "--set", "train.min_lr=1e-3",  # = train.lr of tiny-cpu.yaml: a constant rate
-        *extra,
-    ]
+    return from_checkpoint_args(demo_shards, init, out, STEPS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +106,7 @@ def test_exports_equal_one_process_tensor_by_tensor(runs, tiny_checkpoint, tmp_p
     bounds = {"dp2": (2e-5, 2e-4), "tp2": (5e-5, 5e-4), "tp2sp": (5e-5, 5e-4)}
     for layout, (tensor_bound, update_bound) in bounds.items():
         got = _hf_weights(runs[layout], tmp_path / layout, cli=layout == "tp2sp")
-        assert set(got) == set(ref), layout
-        worst_tensor, tk = max((((got[k] - ref[k]).norm() / ref[k].norm()).item(), k) for k in ref)
-        worst_update, uk = max(((((got[k] - init[k]) - (ref[k] - init[k])).norm() / (ref[k] - init[k]).norm()).item(), k) for k in ref)
+        (worst_tensor, tk), (worst_update, uk) = max_relative_differences(got, ref, init)
         print(f"{layout}: max relative difference of a tensor {worst_tensor:.2e} ({tk}), of an update {worst_update:.2e} ({uk})")
         assert worst_tensor <= tensor_bound and worst_update <= update_bound, layout
 
@@ -146,11 +126,9 @@ def test_replicated_weights_are_bit_identical_across_tp_ranks_every_step(runs, l
 
 def test_tp2_checkpoint_resumes_on_one_process(runs, demo_shards, tiny_checkpoint, tmp_path):
     run = tmp_path / "resumed"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(runs["tp2"] / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
-    (run / "checkpoints" / "latest").write_text("step-0000002")
+    resume_from(runs["tp2"], 2, run)
     proc = geo3k(*train_args(demo_shards, tiny_checkpoint, run, "--resume"), cwd=tmp_path, threads=2)
-    assert "saved with tensor_parallel=2" in proc.stdout and "resumed from" in proc.stdout
+    assert "saved with tensor_parallel=2, expert_parallel=1" in proc.stdout and "resumed from" in proc.stdout
     ref, got = losses(runs["one"]), losses(run)
     assert sorted(got) == [3, 4]
     for s in (3, 4):

@@ -5,10 +5,12 @@ process is a world of one. NCCL on GPUs, gloo on CPU. NVLink multicast stays off
 on shared hosts it can take the GPUs down.
 
 Megatron-Core on CPU (CI, laptops): its tensor-parallel collectives are plain torch.distributed calls that
-gloo runs, but they allocate their output buffers on `torch.cuda.current_device()`, and sequence parallelism
-forks the CUDA RNG tracker around every block. `_megatron_on_cpu` points the first at the CPU and installs
-Megatron's own no-op tracker (the layers draw no random numbers: dropout is 0), so TP, SP and EP run on CPU
-processes exactly as on GPUs, which is how the parallel layouts are proven in CI (tests/test_parallel_layouts.py).
+gloo runs, but they allocate their output buffers on `torch.cuda.current_device()`; sequence parallelism
+forks the CUDA RNG tracker around every block (and recomputation saves the CUDA RNG state); the MoE all-to-all
+token dispatcher copies its split sizes to the host on a side CUDA stream. `megatron_on_cpu` points the first at
+the CPU, installs Megatron's own no-op tracker (the layers draw no random numbers: dropout is 0), skips the CUDA
+RNG state and gives the dispatcher a host-only version of that copy, so TP, SP and EP run on CPU processes as on GPUs: that is how the parallel layouts are proven in CI
+(tests/test_parallel_layouts.py, tests/test_train_moe.py).
 """
 
 from __future__ import annotations
@@ -47,17 +49,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _megatron_on_cpu() -> None:
-    """Let Megatron-Core's collectives and sequence-parallel blocks run in a process without CUDA."""
+def megatron_on_cpu() -> None:
+    """Let Megatron-Core's collectives, sequence-parallel blocks and MoE dispatcher run without CUDA."""
     if torch.cuda.is_available():
         return
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     # Megatron calls this only to place the buffers of all-gathers, reduce-scatters and all-to-alls (and CUDA
     # initialisation, which use_cpu_initialization skips); without a GPU those buffers belong on the CPU.
     torch.cuda.current_device = lambda: torch.device("cpu")
-    # The inference tracker's fork() is a no-op: nothing inside the layers is random (dropout 0).
+    # The inference tracker's fork() is a no-op: nothing inside the layers is random (dropout 0). Activation
+    # recomputation saves and restores the RNG states around each checkpointed layer: there is no CUDA
+    # generator to save (the CPU one still is).
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    # Set, the class's side stream is not created; the split sizes are on the host already.
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "host"
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_split_sizes
+
+
+def _host_split_sizes(dispatcher, point: str, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without CUDA: at the copy point, the split sizes
+    become the NumPy arrays the all-to-all takes (on GPUs they arrive that way from the side-stream copy)."""
+    if not dispatcher.drop_and_pad and point == dispatcher.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(dispatcher, name)
+            if torch.is_tensor(value):
+                setattr(dispatcher, name, value.numpy())
+    return tokens_per_expert
 
 
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
@@ -94,7 +115,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
         )
-    _megatron_on_cpu()
+    megatron_on_cpu()
     return World(
         rank=rank,
         world_size=world_size,

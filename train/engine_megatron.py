@@ -99,10 +99,13 @@ class _LocalDDP(torch.nn.Module):
 class _TorchOptimizer:
     """AdamW with Megatron's interface: step() -> (ok, grad_norm, None), clipping inside."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, tp_group):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        from megatron.core import parallel_state
+
         self.optimizer, self.params = build_adamw(model, cfg)
         self.clip = cfg.clip_grad
-        self.tp_group = tp_group
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.expert_group = parallel_state.get_expert_tensor_and_model_parallel_group()
 
     @property
     def param_groups(self):
@@ -113,22 +116,27 @@ class _TorchOptimizer:
 
     def step(self):
         grads = [p.grad for p in self.params if p.grad is not None]
-        # The global norm: tensor-parallel shards hold disjoint parts of the split weights (summed over
-        # the TP group); replicated weights (norms, the vision tower) are identical on every TP rank and
-        # counted once, as Megatron's clip_grad_norm does.
+        # The global norm, as Megatron's clip_grad_norm computes it: tensor-parallel shards hold disjoint parts
+        # of the split weights (summed over the TP group); the experts are split over the expert-tensor and
+        # expert-parallel ranks (summed over that group); replicated weights (norms, the vision tower) are
+        # identical on every TP rank and counted once.
         split = torch.zeros((), dtype=torch.float64)
+        experts = torch.zeros((), dtype=torch.float64)
         replicated = torch.zeros((), dtype=torch.float64)
         for p in self.params:
             if p.grad is None:
                 continue
             sq = p.grad.double().pow(2).sum()
-            if getattr(p, "tensor_model_parallel", False):
+            if getattr(p, "is_expert_weight", False):
+                experts += sq
+            elif getattr(p, "tensor_model_parallel", False):
                 split += sq
             else:
                 replicated += sq
-        if dist.get_world_size(self.tp_group) > 1:
-            dist.all_reduce(split, group=self.tp_group)
-        norm = float((split + replicated).sqrt())
+        for part, group in ((split, self.tp_group), (experts, self.expert_group)):
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(part, group=group)
+        norm = float((split + experts + replicated).sqrt())
         if not math.isfinite(norm):
             return False, norm, None
         if self.clip > 0 and norm > self.clip:
@@ -155,6 +163,7 @@ class MegatronEngine:
         overrides: dict[str, Any] = dict(
             tensor_model_parallel_size=cfg.tensor_parallel,
             sequence_parallel=cfg.sequence_parallel,
+            expert_model_parallel_size=cfg.expert_parallel,
             calculate_per_token_loss=True,
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -177,11 +186,14 @@ class MegatronEngine:
             from megatron.core import tensor_parallel
 
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
-        model = build_model(hf_config, **overrides)
+        if getattr(hf_config.text_config, "num_experts", 0) and cfg.moe_aux_loss:
+            # transformers' load-balancing loss coefficient, applied per MoE layer (Megatron's aux_loss)
+            overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=hf_config.text_config.router_aux_loss_coef)
+        model = build_model(hf_config, grouped_experts=cfg.moe_grouped_gemm, **overrides)
         if init_from is not None:
             from train.models.convert import load_hf_checkpoint
 
-            load_hf_checkpoint(model, init_from, tp_rank=world.tp_rank, tp_size=world.tp)
+            load_hf_checkpoint(model, init_from, tp_rank=world.tp_rank, tp_size=world.tp, ep_rank=world.ep_rank, ep_size=world.ep)
         self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
         # Whole-layer compile (train/models/layer_compile.py) where it was measured: one model replica per GPU
         # (tensor-parallel collectives and recomputation's checkpoint function untested compiled).
@@ -191,6 +203,9 @@ class MegatronEngine:
             self.compiled_layers = compile_layers(model)
         self.model_config = model.config
         self.inner = model  # the unwrapped QwenVLModel (checkpoints, export, generation)
+        from train.models.qwen_vl import LocalTopKRouter
+
+        self.routers = [m for m in model.modules() if isinstance(m, LocalTopKRouter)]
         from megatron.core.distributed import finalize_model_grads
 
         self._finalize_grads = finalize_model_grads
@@ -224,7 +239,7 @@ class MegatronEngine:
             )
         else:
             self.model = _LocalDDP(model)
-            self.optimizer = _TorchOptimizer(model, cfg, parallel_state.get_tensor_model_parallel_group())
+            self.optimizer = _TorchOptimizer(model, cfg)
 
     # ---------------------------------------------------------------- one step
 
@@ -237,9 +252,13 @@ class MegatronEngine:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
         denom = float(max(1, num_loss_tokens))
+        for router in self.routers:
+            router.routing_stats = None
         for mb in micro_batches:
-            if mb.num_real_tokens == 0:
-                continue  # an empty slot that only keeps micro-batch counts equal across ranks
+            if mb.num_real_tokens == 0 and not self.collective_forward:
+                continue  # an empty slot that only keeps micro-batch counts equal across ranks (needed by EP)
+            if self.cfg.moe_aux_loss and self.routers:
+                self._scale_aux_loss(mb, len(micro_batches))
             per_token = self.forward(mb, labels=True)
             loss = per_token.sum()
             (loss / denom).backward()
@@ -251,7 +270,40 @@ class MegatronEngine:
         # both the GPU path and the CPU one (_LocalDDP).
         self._finalize_grads([self.model])
         ok, grad_norm, _ = self.optimizer.step()
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok}
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok, **self._routing_metrics()}
+
+    def _scale_aux_loss(self, mb, num_micro_batches: int) -> None:
+        """The load-balancing loss enters the step as the mean over all micro-batches of all data-parallel
+        ranks (per MoE layer, times the config's router_aux_loss_coef). Megatron multiplies each micro-batch's
+        aux loss by its token count (it expects a later division by the global token count, which this engine
+        does not do: its main loss is already divided by the global loss tokens), so the scale undoes that."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+
+        router_tokens = mb.num_tokens // self.world.tp if self.cfg.sequence_parallel else mb.num_tokens
+        scale = 1.0 / (max(1, router_tokens) * num_micro_batches * self.world.dp)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.world.device))
+        clear_aux_losses_tracker()  # logged from the routers' own statistics instead (_routing_metrics)
+
+    def _routing_metrics(self) -> dict[str, float]:
+        """Expert load of this step, all ranks together (one all-reduce): `moe_imbalance` = tokens of the
+        busiest expert over the mean, averaged over MoE layers (1.0 is perfect balance), `moe_imbalance_max`
+        its worst layer, and `moe_aux_loss` the load-balancing loss num_experts * sum_e f_e * P_e (f: share of
+        routed tokens, P: mean router probability; 1.0 when balanced), averaged over layers."""
+        stats = [r.routing_stats for r in self.routers if r.routing_stats is not None]
+        if not stats:
+            return {}
+        stats = torch.stack(stats)  # [layers, 2, experts]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank routes its own tokens over all experts; TP ranks without SP route the same tokens
+            # twice, a factor that the ratios below cancel
+            dist.all_reduce(stats)
+        counts, prob_sums = stats[:, 0], stats[:, 1]
+        imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        f = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-9)
+        probs = prob_sums / prob_sums.sum(dim=1, keepdim=True).clamp_min(1e-9)
+        aux = counts.shape[1] * (f * probs).sum(dim=1)
+        out = torch.stack([imbalance.mean(), imbalance.max(), aux.mean()]).tolist()
+        return dict(zip(("moe_imbalance", "moe_imbalance_max", "moe_aux_loss"), out))
 
     def forward(self, mb, labels: bool):
         return self.model(
@@ -267,7 +319,7 @@ class MegatronEngine:
         )
 
     @property
-    def lockstep_eval(self) -> bool:
+    def collective_forward(self) -> bool:
         """Expert parallelism's all-to-all makes every forward a collective over the data-parallel ranks."""
         return self.world.ep > 1
 
@@ -291,24 +343,36 @@ class MegatronEngine:
 
     def save(self, ckpt: Path) -> None:
         """Per tensor-parallel rank: its model shard and its optimizer state by parameter name, gathered over
-        data-parallel ranks (train/megatron_state.py), so a run can resume on another number of GPUs."""
-        from train.megatron_state import optimizer_state
+        data-parallel ranks (train/megatron_state.py), so a run can resume on another number of GPUs; a MoE
+        model's experts per (TP, EP) rank in files of their own."""
+        from megatron.core import parallel_state
+
+        from train.megatron_state import file_name, optimizer_state
+        from train.models.convert import is_expert_key
 
         w = self.world
-        tag = f"tp{w.tp_rank:02d}"
         optim = optimizer_state(self._optimizer_core, self._named_params, distributed=self.cuda)  # collective over DP
-        if w.dp_rank == 0:
-            torch.save({k: v.detach().cpu() for k, v in self.inner.state_dict().items() if torch.is_tensor(v)}, ckpt / f"model_{tag}.pt")
-            torch.save(optim, ckpt / f"optim_{tag}.pt")
+        model = {k: v.detach().cpu() for k, v in self.inner.state_dict().items() if torch.is_tensor(v)}
+        experts = {k for k in model if is_expert_key(k)}
+        if w.dp_rank == 0:  # dense weights: the same on every DP (and EP) rank
+            torch.save({k: v for k, v in model.items() if k not in experts}, ckpt / file_name("model", w.tp_rank))
+            torch.save({**optim, "params": {k: v for k, v in optim["params"].items() if k not in experts}}, ckpt / file_name("optim", w.tp_rank))
+        if experts and parallel_state.get_expert_data_parallel_rank() == 0:  # each EP rank's own experts
+            torch.save({k: model[k] for k in experts}, ckpt / file_name("experts", w.tp_rank, w.ep_rank))
+            torch.save({**optim, "params": {k: v for k, v in optim["params"].items() if k in experts}},
+                       ckpt / file_name("optim_experts", w.tp_rank, w.ep_rank))
 
-    def load(self, ckpt: Path) -> None:
-        """Load a checkpoint of any tensor-parallel size (merged and re-split when it differs from this run's)."""
+    def load(self, ckpt: Path) -> tuple[int, int]:
+        """Load a checkpoint of any tensor- and expert-parallel layout (merged and re-split when it differs from
+        this run's). Returns the (TP, EP) sizes it was saved with."""
         from train.megatron_state import load_optimizer_state, resharded
         from train.models.convert import load_megatron_state
 
-        model, optim = resharded(ckpt, self.world.tp_rank, self.world.tp, self.hf_config)
+        w = self.world
+        model, optim, saved = resharded(ckpt, self.hf_config, tp_rank=w.tp_rank, tp_size=w.tp, ep_rank=w.ep_rank, ep_size=w.ep)
         load_megatron_state(self.inner, model)
         load_optimizer_state(self._optimizer_core, self._named_params, optim, distributed=self.cuda)
+        return saved
 
     @property
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -321,9 +385,7 @@ class MegatronEngine:
 
 
 def merged_model_state(ckpt: Path, hf_config) -> dict[str, torch.Tensor]:
-    """The full (tensor-parallel size 1) model state of a checkpoint, for export."""
-    from train.megatron_state import rank_files
-    from train.models.convert import merge_tensor_parallel
+    """The full (TP 1, EP 1) model state of a checkpoint, for export."""
+    from train.megatron_state import full_model_state
 
-    ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in rank_files(ckpt, "model")]
-    return ranks[0] if len(ranks) == 1 else merge_tensor_parallel(ranks)
+    return full_model_state(ckpt)

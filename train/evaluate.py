@@ -7,7 +7,7 @@ run the same problems together.
 
 Every layout runs eval, whatever the split leaves a rank:
 - micro-batches are padded to what sequence parallelism needs (`DataConfig.pad_to_multiple_of`, generation too);
-- where a forward is a collective across data-parallel ranks (`engine.lockstep_eval`: expert parallelism's
+- where a forward is a collective across data-parallel ranks (`engine.collective_forward`: expert parallelism's
   all-to-all), every rank runs the same number of forwards: a rank with nothing left runs a padding-only one,
   and the ranks agree (one all-reduce per forward) on whether anyone still has work;
 - the engine is told when eval starts and ends on every rank (`engine.evaluating()`), so a backend that must
@@ -39,7 +39,7 @@ def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> di
         # the plan gives every rank the same number of micro-batches (padding-only ones where a rank has too
         # few samples); they are skipped unless the forward is a collective
         for mb in step.micro_batches:
-            if mb.num_real_tokens == 0 and not engine.lockstep_eval:
+            if mb.num_real_tokens == 0 and not engine.collective_forward:
                 continue
             mb = mb.to(world.device, pixel_dtype=pixel_dtype)
             total[0] += engine.eval_loss(mb).double()
@@ -77,7 +77,7 @@ def prompt_of(sample: Sample) -> Sample:
 def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int, world, pixel_dtype) -> list[list[int]]:
     """Greedy continuation of each prompt until `stop_id` or max_new_tokens (`spec.pad_to_multiple_of` pads
     each forward for sequence parallelism)."""
-    lockstep = engine.lockstep_eval and world.dp > 1
+    lockstep = engine.collective_forward and world.dp > 1
     out: list[list[int]] = [[] for _ in prompts]
     steps = _decode_steps(prompts, out, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget)
     while True:

@@ -68,6 +68,8 @@ class MetricsLogger:
             f"grad {v['grad_norm']:.3f}",
             f"{v['tokens_per_s']:,.0f} tok/s",
         ]
+        if v.get("moe_imbalance") is not None:  # busiest expert / mean, and the load-balancing loss value
+            parts.append(f"experts {v['moe_imbalance']:.2f}x aux {v['moe_aux_loss']:.3f}")
         if v.get("mfu") is not None:
             parts.append(f"MFU {100 * v['mfu']:.1f}%")
         if v.get("peak_mem_gib") is not None:

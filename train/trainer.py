@@ -94,6 +94,13 @@ def check_layout(tc, hf_config, world_size: int) -> None:
         problems.append(f"train.expert_parallel={ep} needs a MoE model; {hf_config.model_type} has no experts: set it to 1")
     elif num_experts % ep:
         problems.append(f"the model's {num_experts} experts do not split over train.expert_parallel={ep}: choose a divisor")
+    if num_experts and tp > 1:
+        if text.moe_intermediate_size % tp:
+            problems.append(f"the model's moe_intermediate_size ({text.moe_intermediate_size}) is not divisible by train.tensor_parallel={tp}")
+        if not tc.sequence_parallel and tc.backend == "megatron":
+            # Megatron-Core's MoE layer refuses to train under TP without SP (each TP rank would route and
+            # compute every token of the replicated sequence)
+            problems.append("a MoE model with train.tensor_parallel > 1 needs train.sequence_parallel=true")
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -215,6 +222,7 @@ class Trainer:
                 "data": self.loader.state_dict(),
                 "fingerprint": self.fingerprint,
                 "tensor_parallel": self.world.tp,
+                "expert_parallel": self.world.ep,
                 "data_parallel": self.world.dp,
                 "backend": self.engine.name,
             }
@@ -241,10 +249,12 @@ class Trainer:
                 f"{ckpt} was trained on shards with fingerprint {state['fingerprint'][:12]}…, these are "
                 f"{self.fingerprint[:12]}…: resume on the same shards or start a new run (another train.output_dir)"
             )
-        self.engine.load(ckpt)
-        saved_tp = state.get("tensor_parallel", self.world.tp)
-        if saved_tp != self.world.tp:
-            self.say(f"{ckpt} was saved with tensor_parallel={saved_tp}: its model and optimizer state are re-split for {self.world.tp}")
+        saved = self.engine.load(ckpt)
+        if saved is not None and saved != (self.world.tp, self.world.ep):
+            self.say(
+                f"{ckpt} was saved with tensor_parallel={saved[0]}, expert_parallel={saved[1]}: its model and "
+                f"optimizer state are re-split for tensor_parallel={self.world.tp}, expert_parallel={self.world.ep}"
+            )
         self.loader.load_state_dict(state["data"])
         rng = ckpt / f"rng_rank{self.world.rank:03d}.pt"
         if rng.exists():
@@ -354,6 +364,7 @@ class Trainer:
                     "mfu": mfu,
                     "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                     "epoch": gstep.epoch,
+                    **{k: v for k, v in out.items() if k.startswith("moe_")},
                 }
                 self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})
                 if tc.log_interval and (self.step % tc.log_interval == 0 or self.step == self.total_steps):

@@ -12,7 +12,8 @@ Three layers, each a set of pure tensor functions that tests can check without p
      as the gate).
    - MoE experts are fused 3-D tensors. transformers' own layout (what `save_pretrained` writes):
      `mlp.experts.gate_up_proj` [E, 2*I, hidden] (gate rows first) and `mlp.experts.down_proj`
-     [E, hidden, I], i.e. stacked nn.Linear weights = Megatron's fc1/fc2 per expert. The hub's
+     [E, hidden, I], i.e. stacked nn.Linear weights; the Megatron model's GroupedExperts
+     (train/models/experts.py) holds the same tensors under the same names. The hub's
      Qwen3-VL-MoE files hold the transpose ([E, hidden, 2*I], [E, I, hidden]); like transformers,
      we transpose only when the shape is not already the expected one.
    - The vision tower keeps transformers' names under `model.visual.` -> `vision.model.`.
@@ -20,7 +21,10 @@ Three layers, each a set of pure tensor functions that tests can check without p
      (`model.layers.`, `visual.`) for Qwen2.5-VL; both are read, and each is written as its hub has it.
 2. `split_tensor_parallel` / `merge_tensor_parallel`: full <-> per-rank Megatron state dicts.
    Column-parallel weights split along dim 0 (qkv by whole groups, fc1 as gate and up halves
-   separately), row-parallel along dim 1, the vocabulary along dim 0, everything else replicated.
+   separately), row-parallel along dim 1, the vocabulary along dim 0, the experts' I dimension (dim 1 of
+   gate_up_proj as gate and up halves, dim 2 of down_proj), everything else replicated.
+   `split_expert_parallel` / `merge_expert_parallel`: the experts (dim 0 of the expert tensors) over
+   expert-parallel ranks.
 3. File I/O: `load_hf_checkpoint` (directory or hub id) -> model on this rank; `export_hf` writes a
    transformers directory (safetensors + config.json) from full Megatron weights.
 
@@ -166,9 +170,8 @@ def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config) -> dict[str, to
             inter = text.moe_intermediate_size
             gate_up = _expert_layout(take(mlp + "experts.gate_up_proj"), (2 * inter, text.hidden_size))
             down = _expert_layout(take(mlp + "experts.down_proj"), (text.hidden_size, inter))
-            for e in range(gate_up.shape[0]):
-                out[f"{dst}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
-                out[f"{dst}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
+            out[dst + "mlp.experts.gate_up_proj"] = gate_up  # GroupedExperts holds transformers' layout
+            out[dst + "mlp.experts.down_proj"] = down
         else:
             out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
             out[dst + "mlp.linear_fc2.weight"] = take(mlp + "down_proj.weight")
@@ -219,13 +222,8 @@ def megatron_to_hf(mg_state: dict[str, torch.Tensor], hf_config) -> dict[str, to
         mlp = dst + "mlp."
         if i in moe:
             out[mlp + "gate.weight"] = mg[src + "mlp.router.weight"]
-            num_experts = text.num_experts
-            out[mlp + "experts.gate_up_proj"] = torch.stack(
-                [mg[f"{src}mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(num_experts)]
-            )
-            out[mlp + "experts.down_proj"] = torch.stack(
-                [mg[f"{src}mlp.experts.local_experts.{e}.linear_fc2.weight"] for e in range(num_experts)]
-            )
+            out[mlp + "experts.gate_up_proj"] = mg[src + "mlp.experts.gate_up_proj"]
+            out[mlp + "experts.down_proj"] = mg[src + "mlp.experts.down_proj"]
         else:
             gate, up = mg[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
             out[mlp + "gate_proj.weight"], out[mlp + "up_proj.weight"] = gate, up
@@ -240,11 +238,22 @@ def megatron_to_hf(mg_state: dict[str, torch.Tensor], hf_config) -> dict[str, to
 _COLUMN = re.compile(r"(linear_qkv\.(weight|bias)|output_layer\.weight|word_embeddings\.weight)$")
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _FC1 = re.compile(r"linear_fc1\.weight$")  # [gate; up]: split each half
+_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+# kind -> (dimension split, whether the dimension is [gate; up] halves split separately)
+_SPLIT_DIMS = {"column": (0, False), "row": (1, False), "fc1": (0, True), "experts_fc1": (1, True), "experts_fc2": (2, False)}
+
+
+def is_expert_key(key: str) -> bool:
+    return bool(_EXPERTS.search(key))
 
 
 def _split_kind(key: str) -> str:
     if key.startswith(MG_VISION):
         return "replicated"  # the vision tower is replicated on every rank
+    m = _EXPERTS.search(key)
+    if m:
+        return "experts_fc1" if m.group(1) == "gate_up_proj" else "experts_fc2"
     if _FC1.search(key):
         return "fc1"
     if _COLUMN.search(key):
@@ -269,13 +278,13 @@ def split_tensor_parallel(full: dict[str, torch.Tensor], tp_size: int, hf_config
         kind = _split_kind(key)
         if kind == "replicated":
             parts = [value] * tp_size
-        elif kind == "column":
-            parts = _chunk(value, tp_size, 0, key)
-        elif kind == "row":
-            parts = _chunk(value, tp_size, 1, key)
-        else:  # fc1: rank r gets [gate_r; up_r]
-            gate, up = value.chunk(2, dim=0)
-            parts = [torch.cat([g, u]) for g, u in zip(_chunk(gate, tp_size, 0, key), _chunk(up, tp_size, 0, key))]
+        else:
+            dim, halves = _SPLIT_DIMS[kind]
+            if halves:  # rank r gets [gate_r; up_r]
+                gate, up = value.chunk(2, dim=dim)
+                parts = [torch.cat([g, u], dim=dim) for g, u in zip(_chunk(gate, tp_size, dim, key), _chunk(up, tp_size, dim, key))]
+            else:
+                parts = _chunk(value, tp_size, dim, key)
         for rank, part in enumerate(parts):
             ranks[rank][key] = part.contiguous()
     return ranks
@@ -289,14 +298,28 @@ def merge_tensor_parallel(ranks: list[dict[str, torch.Tensor]]) -> dict[str, tor
         kind = _split_kind(key)
         if kind == "replicated":
             full[key] = parts[0]
-        elif kind == "column":
-            full[key] = torch.cat(parts, dim=0)
-        elif kind == "row":
-            full[key] = torch.cat(parts, dim=1)
+            continue
+        dim, halves = _SPLIT_DIMS[kind]
+        if halves:
+            split = [p.chunk(2, dim=dim) for p in parts]
+            full[key] = torch.cat([h[0] for h in split] + [h[1] for h in split], dim=dim)
         else:
-            halves = [p.chunk(2, dim=0) for p in parts]
-            full[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            full[key] = torch.cat(parts, dim=dim)
     return full
+
+
+def split_expert_parallel(experts: dict[str, torch.Tensor], ep_size: int) -> list[dict[str, torch.Tensor]]:
+    """Expert tensors (all experts, [E, ...]) -> per expert-parallel rank, E / ep_size consecutive experts each
+    (rank r holds experts r*E/ep .. (r+1)*E/ep - 1, as Megatron's MoE layer numbers its local experts)."""
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(ep_size)]
+    for key, value in experts.items():
+        for rank, part in enumerate(_chunk(value, ep_size, 0, key)):
+            ranks[rank][key] = part.contiguous()
+    return ranks
+
+
+def merge_expert_parallel(ranks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([r[key] for r in ranks], dim=0) for key in ranks[0]}
 
 
 def _chunk(t: torch.Tensor, n: int, dim: int, key: str) -> list[torch.Tensor]:
@@ -332,15 +355,23 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_checkpoint(model, name_or_path: str, *, tp_rank: int = 0, tp_size: int = 1) -> None:
+def shard_for_rank(full: dict[str, torch.Tensor], hf_config, *, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """The full Megatron state dict -> the part of tensor-parallel rank tp_rank and expert-parallel rank ep_rank."""
+    shard = split_tensor_parallel(full, tp_size, hf_config)[tp_rank] if tp_size > 1 else dict(full)
+    if ep_size > 1:
+        experts = {k: v for k, v in shard.items() if is_expert_key(k)}
+        shard.update(split_expert_parallel(experts, ep_size)[ep_rank])
+    return shard
+
+
+def load_hf_checkpoint(model, name_or_path: str, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> None:
     """Loads a transformers checkpoint (directory or hub id) into `model`, this rank's shard."""
     from train.models import load_hf_config
 
     path = resolve_checkpoint_dir(name_or_path)
     hf_config = load_hf_config(str(path))
     full = hf_to_megatron(read_safetensors_dir(path), hf_config)
-    shard = split_tensor_parallel(full, tp_size, hf_config)[tp_rank] if tp_size > 1 else full
-    load_megatron_state(model, shard)
+    load_megatron_state(model, shard_for_rank(full, hf_config, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size))
 
 
 def load_megatron_state(model, state: dict[str, torch.Tensor]) -> None:

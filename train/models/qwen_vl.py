@@ -30,10 +30,12 @@ from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from train.models import fused
 from train.models.attention import VarlenCoreAttention
+from train.models.experts import GroupedExperts
 from train.models.rope import QwenMRoPE
 from train.models.vision import VisionTower
 
@@ -190,24 +192,47 @@ class QwenRMSNorm(torch.nn.Module):
 
 
 class LocalTopKRouter(TopKRouter):
-    """Megatron-Core's top-k router with a plain-PyTorch gating matmul.
+    """Megatron-Core's top-k router with a plain-PyTorch gating matmul, and routing statistics for the logs.
 
     megatron-core 0.16.1's `TopKRouter.gating` moves its weight to `torch.cuda.current_device()` and
     calls `te_general_gemm`, a name that exists only when Transformer Engine is installed (NameError
     otherwise). The logits are the same `input @ weight.T` in the router dtype.
+
+    Every forward adds to `routing_stats` (on the device, no sync): tokens routed to each expert and the
+    summed softmax probability of each expert, from which the trainer logs the expert load imbalance and the
+    load-balancing loss value of each step, whether or not that loss is trained on (train.moe_aux_loss).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routing_stats: torch.Tensor | None = None  # [2, num_experts]: token counts, probability sums
+        self._logits: torch.Tensor | None = None
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
         bias = self.bias.to(router_dtype) if self.bias is not None else None
-        return F.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+        logits = F.linear(input.to(router_dtype), self.weight.to(router_dtype), bias)
+        self._logits = logits
+        return logits
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = super().forward(input, padding_mask)
+        with torch.no_grad():
+            logits = self._logits.reshape(-1, self.config.num_moe_experts)
+            stats = torch.stack([routing_map.sum(0).float(), torch.softmax(logits.float(), dim=-1).sum(0)])
+            self.routing_stats = stats if self.routing_stats is None else self.routing_stats + stats
+        self._logits = None
+        return probs, routing_map
 
 
-def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None):
+def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None,
+                        grouped_experts: bool = True):
     """Megatron-Core's local (no Transformer Engine) GPT layers, with varlen attention and deepstack.
 
     The block spec (not a single layer spec) so that MoE models can mix dense and MoE layers
-    (`moe_layer_freq`, from transformers' `mlp_only_layers` / `decoder_sparse_step`).
+    (`moe_layer_freq`, from transformers' `mlp_only_layers` / `decoder_sparse_step`). MoE layers keep
+    Megatron's MoELayer, router logic and token dispatcher; their experts are `GroupedExperts` (experts.py:
+    grouped GEMMs, or one GEMM pair per expert when `grouped_experts` is false).
     """
     block = get_gpt_decoder_block_spec(
         tf_config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
@@ -225,17 +250,19 @@ def language_block_spec(tf_config: TransformerConfig, vp_stage: int | None = Non
         mlp = spec.submodules.mlp
         if hasattr(getattr(mlp, "submodules", None), "router"):
             mlp.submodules.router = LocalTopKRouter
+            mlp.submodules.experts = ModuleSpec(module=GroupedExperts, params={"grouped": grouped_experts})
     return block
 
 
 class QwenVLLanguageModel(GPTModel):
     """GPTModel whose rotary embedding is the Qwen M-RoPE of this checkpoint."""
 
-    def __init__(self, tf_config: TransformerConfig, hf_config, *, pre_process=True, post_process=True, **kwargs):
+    def __init__(self, tf_config: TransformerConfig, hf_config, *, pre_process=True, post_process=True,
+                 grouped_experts: bool = True, **kwargs):
         text = hf_config.text_config
         super().__init__(
             config=tf_config,
-            transformer_layer_spec=language_block_spec(tf_config, vp_stage=kwargs.get("vp_stage")),
+            transformer_layer_spec=language_block_spec(tf_config, vp_stage=kwargs.get("vp_stage"), grouped_experts=grouped_experts),
             vocab_size=text.vocab_size,
             max_sequence_length=text.max_position_embeddings,
             pre_process=pre_process,
@@ -287,7 +314,8 @@ class QwenPackedSeqParams(PackedSeqParams):
 class QwenVLModel(MegatronModule):
     """Vision tower + language model. Call with one packed micro-batch (see `forward`)."""
 
-    def __init__(self, hf_config, tf_config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True):
+    def __init__(self, hf_config, tf_config: TransformerConfig, *, pre_process: bool = True, post_process: bool = True,
+                 grouped_experts: bool = True):
         super().__init__(config=tf_config)
         _check_model_type(hf_config)
         self.hf_config = hf_config
@@ -297,7 +325,9 @@ class QwenVLModel(MegatronModule):
         self.num_deepstack = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", None) or [])
         if pre_process:
             self.vision = VisionTower(hf_config, dtype=tf_config.params_dtype)
-        self.language_model = QwenVLLanguageModel(tf_config, hf_config, pre_process=pre_process, post_process=post_process)
+        self.language_model = QwenVLLanguageModel(
+            tf_config, hf_config, pre_process=pre_process, post_process=post_process, grouped_experts=grouped_experts
+        )
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
 
     def set_input_tensor(self, input_tensor):
@@ -430,9 +460,9 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
-def build_model(hf_config, **overrides) -> QwenVLModel:
+def build_model(hf_config, grouped_experts: bool = True, **overrides) -> QwenVLModel:
     """A model for a transformers Qwen-VL config: randomly initialised, or empty for a checkpoint
-    (`perform_initialization=False`; load weights with convert.py)."""
-    model = QwenVLModel(hf_config, transformer_config_from_hf(hf_config, **overrides))
+    (`perform_initialization=False`; load weights with convert.py). `overrides`: TransformerConfig fields."""
+    model = QwenVLModel(hf_config, transformer_config_from_hf(hf_config, **overrides), grouped_experts=grouped_experts)
     mark_tensor_parallel_weights(model)
     return model
