@@ -54,12 +54,17 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     if device_type == "cuda":
         return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability()[0] >= 9
     try:
-        x = torch.ones(4, 8, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
-        torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32)).backward(torch.ones(4, 8, dtype=dtype))
-        return True
+        with torch.enable_grad():  # the first call may come from a forward under no_grad
+            return _probe(dtype)
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    x = torch.ones(4, 8, dtype=dtype, requires_grad=True)
+    w = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
+    torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32)).backward(torch.ones(4, 8, dtype=dtype))
+    return True
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor | None, grouped: bool) -> torch.Tensor:
