@@ -477,7 +477,7 @@ def run_baseline(r: Result, hf_config, args, device: torch.device, peak: float |
 
     def account(b):
         real = int(b["attention_mask"].sum())
-        return real, b["input_ids"].numel(), flops.micro_batch(b["cu_seqlens"], b["image_grid_thw"], real), 1
+        return real, b["input_ids"].numel(), flops.micro_batch(b["cu_seqlens"], b["image_grid_thw"], real, real), 1
 
     try:
         time_steps(r, device, args.warmup, args.steps, lambda: next(it), to_device, step, account, peak, profile_path(args, r))
@@ -575,7 +575,7 @@ def run_engine(r: Result, variant: str, hf_config, args, device: torch.device, w
 
     def account(gstep):
         mbs = gstep.micro_batches
-        fl = sum(flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in mbs)
+        fl = sum(flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens, mb.num_loss_tokens) for mb in mbs)
         return sum(mb.num_real_tokens for mb in mbs), sum(mb.num_tokens for mb in mbs), fl, len(mbs)
 
     try:
@@ -696,7 +696,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"missing {', '.join(missing)}: install the carried wheels first (docs/perf-notes.md, 'The command'), e.g. "
                          "python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site")
     from train.distributed import destroy, init_distributed
-    from train.flops import measure_peak_tflops
+    from train.flops import datasheet_peak_tflops, measure_peak_tflops
     from train.models.attention import select_backend
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -710,12 +710,15 @@ def main(argv=None) -> None:
     print(f"# host: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable, torch intra-op threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"# varlen attention backend (Megatron path, {str(dtype).split('.')[-1]}): {select_backend(device, dtype)}")
-    peak = measure_peak_tflops(device) if device.type == "cuda" else cpu_peak_tflops()
-    print(f"# measured matmul peak ({'bf16' if device.type == 'cuda' else 'fp32, CPU'}): {peak:.3g} TFLOP/s")
+    measured = measure_peak_tflops(device) if device.type == "cuda" else cpu_peak_tflops()
+    datasheet, _ = datasheet_peak_tflops(device)
+    peak = datasheet or measured  # MFU against the datasheet dense bf16 peak where the card is known
+    print(f"# MFU against {'the datasheet bf16 peak' if datasheet else 'the measured matmul peak'} {peak:.4g} TFLOP/s; "
+          f"measured matmul peak ({'bf16' if device.type == 'cuda' else 'fp32, CPU'}): {measured:.3g} TFLOP/s")
     print(f"# shards {args.shards}; budget {args.max_tokens} tokens; GBS {args.global_batch_size}; warmup {args.warmup}, steps {args.steps}")
 
     results: list[Result] = []
-    report: dict[str, Any] = {"device": device_name, "versions": vers, "peak_tflops": peak, "args": {k: str(v) for k, v in vars(args).items()},
+    report: dict[str, Any] = {"device": device_name, "versions": vers, "peak_tflops": peak, "measured_peak_tflops": measured, "args": {k: str(v) for k, v in vars(args).items()},
                               "command": " ".join(sys.argv), "results": results}
     runs = plan_runs(args)
     t_all = time.perf_counter()

@@ -81,7 +81,7 @@ def main() -> None:
     _, t_sync = timed(model.finish_grad_sync)
     _, t_opt = timed(engine.optimizer.step)
     _, t_step = timed(lambda: engine.train_step(mbs, sum(mb.num_loss_tokens for mb in mbs), 1e-5))
-    f_mb = [flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in mbs]
+    f_mb = [flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens, mb.num_loss_tokens) for mb in mbs]
     n = len(mbs)
     rows.append(("vision forward (no grad)", sum(vis) / n))
     rows.append(("forward: vision + LLM + loss", sum(fwd) / n))

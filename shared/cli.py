@@ -29,6 +29,8 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override any config field: --set preprocess.workers=4 (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+H200_BYTES = 143_771 * 2**20
+"""What an H200 reports (torch.cuda.get_device_properties): the card a plan is printed against."""
 
 
 def _config(path: Optional[Path], overrides: Optional[list[str]]):
@@ -166,6 +168,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.output_dir.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node; >1 relaunches under torchrun.")] = 1,
     backend: Annotated[Optional[str], typer.Option("--backend", help="megatron (default) or fsdp.")] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print the memory each GPU needs for this model and layout, and stop (no GPU needed).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train on preprocessed shards (never re-tokenizes).
@@ -180,6 +185,8 @@ def train(
 
       geo3k train --resume
 
+      geo3k train --plan --nproc 8 --set model.name_or_path=qwen3-vl-30b-a3b --set train.expert_parallel=8
+
     Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
     -m shared.cli train ...` on each node.
     """
@@ -191,7 +198,14 @@ def train(
         from train.models import load_hf_config
         from train.trainer import check_layout
 
-        check_layout(cfg.train, load_hf_config(cfg.model.name_or_path), nproc)  # before any process starts
+        hf_config = load_hf_config(cfg.model.name_or_path)
+        check_layout(cfg.train, hf_config, nproc)  # before any process starts
+        if plan:
+            from train.trainer import memory_plan
+
+            p = memory_plan(cfg, hf_config, nproc)
+            print(json.dumps({**p.__dict__, "total": p.total}, indent=2) if json_out else "\n".join(p.lines(H200_BYTES)))
+            return
     if nproc > 1 and "RANK" not in os.environ:
         from train.trainer import launch_with_torchrun
 

@@ -1,10 +1,14 @@
-"""Model FLOPs of a training step, for MFU.
+"""Model FLOPs of a training step, for MFU as the field reports it.
 
-Counted as the issue defines it: 6 x (matmul parameters active per token, LM head included, embeddings
-excluded) x tokens, plus causal attention (QK^T and AV: 2·s²·width per layer forward for a sample of length
-s, x3 with backward), plus the vision encoder per patch (6 x its matmul parameters, and 4·n²·width per layer
-forward for an image of n patches, x3) and the patch merger per merged token. Recomputation is not counted
-(it is hardware work, not model work), so MFU = model FLOPs / (time x peak).
+The FLOPs the step needs: 6 x (matmul parameters active per token: MoE layers count their router and the top-k
+experts only; embeddings excluded) x tokens, plus causal attention (QK^T and AV: 2·s²·width per layer forward for
+a sample of length s, x3 with backward), plus the LM head where it is computed (6·hidden·vocab per position: the
+loss positions only, except under sequence parallelism, which runs it on every token), plus the vision encoder per
+patch (6 x its matmul parameters, and 4·n²·width per layer forward for an image of n patches, x3) and the patch
+merger per merged token. Recomputation is not counted (it is hardware work, not model work).
+
+MFU = model FLOPs / (time x the card's datasheet dense bf16 peak) (`datasheet_peak_tflops`: 989 TFLOP/s for
+H100/H200 SXM); the measured matmul rate (`measure_peak_tflops`, ~760-790 on an H200) is logged beside it.
 Qwen2.5-VL's windowed vision layers are counted as full attention over the image: a slight overestimate.
 """
 
@@ -15,9 +19,27 @@ from dataclasses import dataclass
 import torch
 
 
+# dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name()
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+                         "H800": 989.4, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "B200": 2250.0}
+
+
+def datasheet_peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    """(the card's datasheet dense bf16 TFLOP/s, its name); None for a CPU or a card not in the table."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS.items():
+        if key in name:
+            return tflops, name
+    if name.strip().endswith("H100"):  # the SXM part reports plain "NVIDIA H100"
+        return 989.4, name
+    return None, name
+
+
 @dataclass
 class StepFlops:
-    lm_params: float  # matmul parameters per token, LM head included
+    lm_params: float  # matmul parameters per token, LM head excluded
     lm_layers: int
     lm_attn_width: int
     vit_params: float  # per patch
@@ -25,6 +47,7 @@ class StepFlops:
     vit_width: int
     merger_params: float  # per merged token
     merge_unit: int  # patches per merged token
+    head_params: float  # hidden x vocab: the LM head, per position where it runs
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "StepFlops":
@@ -40,7 +63,7 @@ class StepFlops:
             mlp_total = sum(dense if i in mlp_layers else moe for i in range(t.num_hidden_layers))
         else:
             mlp_total = 3 * h * t.intermediate_size * t.num_hidden_layers
-        lm = attn * t.num_hidden_layers + mlp_total + h * t.vocab_size
+        lm = attn * t.num_hidden_layers + mlp_total
         vh = getattr(v, "hidden_size", None) or v.embed_dim
         vmlp = getattr(v, "intermediate_size", 4 * vh)
         gated = hf_config.model_type == "qwen2_5_vl"
@@ -59,13 +82,16 @@ class StepFlops:
             vit_width=vh,
             merger_params=float(merger * (1 + n_deep)),
             merge_unit=m,
+            head_params=float(h * t.vocab_size),
         )
 
-    def micro_batch(self, cu_seqlens: torch.Tensor, image_grid_thw: torch.Tensor, num_real_tokens: int) -> float:
+    def micro_batch(self, cu_seqlens: torch.Tensor, image_grid_thw: torch.Tensor, num_real_tokens: int, head_positions: int) -> float:
+        """FLOPs of one micro-batch; head_positions: where the LM head runs (the loss positions, or every token
+        under sequence parallelism)."""
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).double().cpu()
         real = float(num_real_tokens)
         sq = float((lens**2).sum())  # padding is its own segment; its share is small and not subtracted
-        flops = 6 * self.lm_params * real + 6 * self.lm_layers * self.lm_attn_width * sq
+        flops = 6 * self.lm_params * real + 6 * self.lm_layers * self.lm_attn_width * sq + 6 * self.head_params * head_positions
         if image_grid_thw is not None and image_grid_thw.numel():
             n = image_grid_thw.double().cpu().prod(dim=1)
             flops += 6 * self.vit_params * float(n.sum()) + 12 * self.vit_layers * self.vit_width * float((n**2).sum())

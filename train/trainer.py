@@ -29,7 +29,7 @@ from shared.manifest import ShardSet
 from train.data import DataConfig, PackingSpec, build_loader
 from train.distributed import World, barrier, destroy, init_distributed
 from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
-from train.flops import StepFlops, measure_peak_tflops
+from train.flops import StepFlops, datasheet_peak_tflops, measure_peak_tflops
 from train.gc_policy import TrainingGC
 from train.metrics import MetricsLogger
 
@@ -105,6 +105,35 @@ def check_layout(tc, hf_config, world_size: int) -> None:
         raise TrainError("; ".join(problems))
 
 
+def memory_plan(cfg: PipelineConfig, hf_config, world_size: int):
+    """The per-GPU memory plan of this run (train/memory_plan.py); the image-token share of the training shards
+    when they exist (Geo3K-like 0.85 otherwise)."""
+    from train.memory_plan import plan
+
+    fraction = 0.85
+    try:
+        index = ShardSet(cfg.train_shards()).index
+        tokens = sum(index.column("num_tokens").to_pylist())
+        fraction = sum(index.column("num_image_tokens").to_pylist()) / max(1, tokens)
+    except Exception:  # no shards yet (a plan made before preprocessing): the Geo3K-like share
+        pass
+    return plan(hf_config, cfg.train, world_size, image_token_fraction=fraction)
+
+
+def check_memory(cfg: PipelineConfig, hf_config, world_size: int, card_bytes: float, say) -> None:
+    """Print the plan; refuse a run that cannot fit the card before anything is built."""
+    from train.memory_plan import advice
+
+    p = memory_plan(cfg, hf_config, world_size)
+    for line in p.lines(card_bytes):
+        say(line)
+    if not p.fits(card_bytes):
+        raise TrainError(
+            f"the plan needs {p.total / 2**30:.0f} GiB per GPU, the card has {card_bytes / 2**30:.0f} GiB: "
+            f"{advice(p, cfg.train, world_size, hf_config)} (geo3k train --plan shows the plan)"
+        )
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -153,6 +182,9 @@ class Trainer:
         self.hf_config = load_hf_config(cfg.model.name_or_path)
         check_layout(tc, self.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
         self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
+        if self.world.device.type == "cuda":
+            card = torch.cuda.get_device_properties(self.world.device).total_memory
+            check_memory(cfg, self.hf_config, self.world.world_size, card, self.say)
         self.out_dir = Path(tc.output_dir)
         self.train_dir = cfg.train_shards()
         shard_set = ShardSet(self.train_dir)
@@ -190,7 +222,10 @@ class Trainer:
                 raise TrainError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; start without --resume")
             self._load(ckpt)
         self.flops = StepFlops.from_hf_config(self.hf_config)
-        self.peak_tflops = measure_peak_tflops(self.world.device)
+        # the Megatron engine runs the LM head on every token under sequence parallelism, else at the loss positions
+        self.head_on_every_token = tc.backend == "megatron" and tc.sequence_parallel
+        self.peak_tflops, self.card = datasheet_peak_tflops(self.world.device)
+        self.measured_tflops = measure_peak_tflops(self.world.device)
         self.logger = MetricsLogger(
             self.out_dir, self.world.is_main, wandb_project=tc.wandb_project, config=asdict(cfg), resume=resume
         )
@@ -313,7 +348,8 @@ class Trainer:
             f"training {self.cfg.model.name_or_path} ({'random init' if tc.random_init else 'pretrained'}) on "
             f"{self.train_dir}: {self.loader.steps_per_epoch} steps/epoch x {tc.epochs} epochs, {self.total_steps} steps; "
             f"world {w.world_size} (tp {w.tp}, dp {w.dp}) on {dev.type}"
-            + (f"; peak bf16 {self.peak_tflops:.0f} TFLOP/s measured" if self.peak_tflops else "")
+            + (f"; {self.card}: MFU against its datasheet bf16 peak {self.peak_tflops:.0f} TFLOP/s" if self.peak_tflops else "")
+            + (f" (matmul measured at {self.measured_tflops:.0f})" if self.measured_tflops else "")
         )
         t_start, start_step = time.perf_counter(), self.step
         last: dict[str, Any] = {}
@@ -332,7 +368,11 @@ class Trainer:
                     torch.cuda.reset_peak_memory_stats(dev)
                 lr = lr_at(self.step, self.total_steps, tc)
                 out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
-                flops = sum(self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens) for mb in gstep.micro_batches)
+                flops = sum(
+                    self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens,
+                                           mb.num_tokens if self.head_on_every_token else mb.num_loss_tokens)
+                    for mb in gstep.micro_batches
+                )
                 stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
                 if dist.is_initialized() and w.world_size > 1:
                     from megatron.core import parallel_state
@@ -352,6 +392,7 @@ class Trainer:
                     )
                 tflops = float(stats[1]) / dt / 1e12 / w.tp  # each TP group computes one DP share
                 mfu = (tflops / w.dp) / self.peak_tflops if self.peak_tflops else None
+                mfu_measured = (tflops / w.dp) / self.measured_tflops if self.measured_tflops else None
                 last = {
                     "loss": loss,
                     "lr": lr,
@@ -362,6 +403,7 @@ class Trainer:
                     "data_wait_s": t_data,
                     "model_tflops_per_gpu": tflops / w.dp,
                     "mfu": mfu,
+                    "mfu_vs_measured_peak": mfu_measured,
                     "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                     "epoch": gstep.epoch,
                     **{k: v for k, v in out.items() if k.startswith("moe_")},
