@@ -79,8 +79,13 @@ def _model_kwargs(hf_config, cuda: bool) -> dict[str, Any]:
 def build_hf_model(hf_config, init_from: str | None, seed: int, *, materialize: bool = True, cuda: bool = False) -> torch.nn.Module:
     """The transformers model in fp32: random (seeded) or from a checkpoint, on the CPU; with materialize=False
     only its structure, on the meta device (no memory), to be sharded and filled from rank 0."""
+    import copy
+
     from transformers import AutoModelForImageTextToText
 
+    # The model gets its own config: use_varlen_attention switches the attention name on it, which must not
+    # reach the caller's config (or any other model built from it).
+    hf_config = copy.deepcopy(hf_config)
     kwargs = _model_kwargs(hf_config, cuda)
     if not materialize:
         with torch.device("meta"):
@@ -93,6 +98,10 @@ def build_hf_model(hf_config, init_from: str | None, seed: int, *, materialize: 
 
         model = AutoModelForImageTextToText.from_pretrained(str(resolve_checkpoint_dir(init_from)), config=hf_config, **kwargs)
     use_varlen_attention(model)
+    if kwargs.get("experts_implementation") and getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        import transformers
+
+        print(f"note: transformers {transformers.__version__} kept its per-expert loop (no grouped_mm experts)", flush=True)
     return model
 
 

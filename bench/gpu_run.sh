@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU runner: what to run is its arguments; logs and result tables go under $OUT (default /tmp/geo3k-gpu).
+#
+#   bash bench/gpu_run.sh prepare            # here, on any machine: the carried data (.cache/gpu: 2,200 + 200
+#                                            # demo rows as shards, the 30B-A3B preset cut to 4 decoder layers)
+#   bash bench/gpu_run.sh resume moe         # on the GPU machine (carry .gpuwheels and .cache/gpu)
+#
+# Parts (any order, any subset):
+#   resume   tiny dense and tiny MoE models, bf16 on the GPU: a checkpoint of Megatron's distributed optimizer
+#            (name-keyed Adam state) resumes with the uninterrupted run's losses
+#   moe      qwen3-vl-30b-a3b cut to 4 decoder layers (same widths), random init, `geo3k train` on the demo shards:
+#            grouped-GEMM experts (12 steps), one GEMM pair per expert (5 steps, same weights and data), the FSDP
+#            backend (8 steps); tokens/s, MFU, peak memory beside the memory plan
+#   dense    qwen3-vl-2b and qwen3-vl-4b, `geo3k train` 12 steps each: speed, MFU and peak memory beside the plan
+set -uo pipefail
+OUT=${OUT:-/tmp/geo3k-gpu}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+DATA=.cache/gpu
+SHARDS=$DATA/shards/geo3k-demo
+
+if [ "${1:-}" = prepare ]; then
+  PY=${PYTHON:-.venv/bin/python}
+  export PYTHONPATH=$PWD
+  rm -rf $DATA && mkdir -p $DATA
+  $PY -m shared.cli demo-data --out $DATA/demo --train 2200 --test 200 >/dev/null
+  $PY -m shared.cli preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards \
+      --set preprocess.fetch.cache_dir=null -q | tail -3
+  rm -rf $DATA/demo/images
+  $PY - <<'EOF'
+import json, shutil
+from pathlib import Path
+src, dst = Path("shared/presets/qwen3-vl-30b-a3b"), Path(".cache/gpu/qwen3-vl-30b-a3b-4l")
+shutil.copytree(src, dst)
+cfg = json.loads((src / "config.json").read_text())
+cfg["text_config"]["num_hidden_layers"] = 4
+(dst / "config.json").write_text(json.dumps(cfg, indent=2))
+EOF
+  du -sh $DATA
+  exit 0
+fi
+
+source bench/gpu_env.sh
+G3="$PY -m shared.cli"
+W=/tmp/geo3k-work
+mkdir -p $W
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
+
+# train NAME SECONDS ARGS...: one `geo3k train` run on the demo shards into $W/NAME, its log in $OUT/NAME.log
+train() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" $G3 train --set train.shards=$SHARDS/train --set train.eval_shards=$SHARDS/test \
+    --set train.output_dir=$W/$name --set train.eval_interval=0 --set train.eval_samples=0 --set train.save_last=false "$@" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc"; grep -E "^step|memory per GPU|  total|rror|resumed|re-split" "$OUT/$name.log" | tail -8
+  cp $W/$name/metrics.jsonl "$OUT/$name.metrics.jsonl" 2>/dev/null
+  return $rc
+}
+
+for part in "$@"; do
+  case $part in
+  resume)
+    # 4 steps saving at 2, then the step-2 checkpoint resumed: steps 3-4 must repeat
+    for model in tiny-qwen3-vl tiny-qwen3-vl-moe; do
+      common=(--set model.name_or_path=$model --set train.random_init=true --set train.global_batch_size=16
+              --set train.train_iters=4 --set train.keep_checkpoints=0 --set train.compile_layers=false --set train.lr=1e-3)
+      rm -rf $W/full-$model $W/resumed-$model
+      train "full-$model" 300 "${common[@]}" --set train.save_interval=2
+      mkdir -p $W/resumed-$model/checkpoints
+      cp -r $W/full-$model/checkpoints/step-0000002 $W/resumed-$model/checkpoints/ && echo step-0000002 > $W/resumed-$model/checkpoints/latest
+      train "resumed-$model" 300 "${common[@]}" --set train.save_interval=0 --resume
+      $PY bench/compare_runs.py $W full-$model resumed-$model | tee "$OUT/resume-$model.md"
+    done
+    ;;
+  moe)
+    moe=(--set model.name_or_path=$DATA/qwen3-vl-30b-a3b-4l --set train.random_init=true)
+    rm -rf $W/moe-*
+    train moe-grouped 240 "${moe[@]}" --set train.train_iters=12
+    train moe-sequential 200 "${moe[@]}" --set train.train_iters=5 --set train.moe_grouped_gemm=false
+    train moe-fsdp 200 "${moe[@]}" --set train.train_iters=8 --backend fsdp
+    $PY bench/compare_runs.py $W moe-grouped moe-sequential moe-fsdp | tee "$OUT/moe-compare.md"
+    ;;
+  dense)
+    rm -rf $W/dense-*
+    for model in qwen3-vl-2b qwen3-vl-4b; do
+      train "dense-$model" 200 --set model.name_or_path=$model --set train.random_init=true --set train.train_iters=12
+    done
+    $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-4b | tee "$OUT/dense-compare.md"
+    ;;
+  *) echo "unknown part $part (resume, moe, dense)"; exit 2 ;;
+  esac
+done
