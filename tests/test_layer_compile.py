@@ -103,7 +103,7 @@ def _step(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe"])  # the MoE one has a dense layer too
 def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -134,5 +134,7 @@ def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
             torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
     assert not counters["graph_break"], f"graph breaks in compiled layers: {dict(counters['graph_break'])}"
     # One graph for the decoder layer and two for the vision block, reused by every layer and micro-batch: the
-    # first block's input is a view (of the patch embedding), and Dynamo guards on a view's base.
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # first block's input is a view (of the patch embedding), and Dynamo guards on a view's base. MoE layers
+    # add one: their attention half (the expert half runs eagerly).
+    graphs = 3 + (family == "qwen3_vl_moe")
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])

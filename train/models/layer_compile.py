@@ -19,8 +19,8 @@ How it stays cheap to compile and correct:
 - The attention kernels are opaque custom ops to the compiler (`varlen_attn`) or plain aten ops
   (`aten_flash`); the backend is chosen once when the graph is traced (attention.select_backend).
 
-Applied by the Megatron engine on GPUs (`train.compile_layers`) where it was measured: dense models,
-tensor-parallel size 1, no activation recomputation. Recomputation re-runs layers inside Megatron's
+Applied by the Megatron engine on GPUs (`train.compile_layers`) where it was measured: dense layers whole,
+MoE layers' attention half, tensor-parallel size 1, no activation recomputation. Recomputation re-runs layers inside Megatron's
 checkpoint function and tensor parallelism adds collectives to the layer: both untested compiled.
 """
 
@@ -50,7 +50,7 @@ def _compiled(fn):
 
 
 def compile_language_layers(language_model) -> int:
-    """Compile the dense decoder layers of a `QwenVLLanguageModel`; returns how many."""
+    """Compile the decoder layers of a `QwenVLLanguageModel` (MoE layers: their attention half); returns how many."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -58,10 +58,15 @@ def compile_language_layers(language_model) -> int:
 
     n = 0
     for layer in language_model.decoder.layers:
-        # MoE layers route tokens with data-dependent shapes (graph breaks, host syncs): left eager.
-        if isinstance(layer, DeepstackTransformerLayer) and not isinstance(layer.mlp, MoELayer):
+        if not isinstance(layer, DeepstackTransformerLayer):
+            continue
+        if isinstance(layer.mlp, MoELayer):
+            # The MoE half routes tokens with data-dependent shapes (host syncs for the expert sizes) and stays
+            # eager; the attention half (norms, projections, rope, residual) is one graph like a dense layer's.
+            layer._forward_attention = functools.partial(_compiled(TransformerLayer._forward_attention), layer)
+        else:
             layer.compiled_forward = functools.partial(_compiled(TransformerLayer.forward), layer)
-            n += 1
+        n += 1
     return n
 
 
