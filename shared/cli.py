@@ -204,7 +204,14 @@ def train(
             from train.trainer import memory_plan
 
             p = memory_plan(cfg, hf_config, nproc)
-            print(json.dumps({**p.__dict__, "total": p.total}, indent=2) if json_out else "\n".join(p.lines(H200_BYTES)))
+            if json_out:
+                print(json.dumps({**p.__dict__, "total": p.total}, indent=2))
+                return
+            print("\n".join(p.lines(H200_BYTES)))
+            if not p.fits(H200_BYTES):
+                from train.memory_plan import advice
+
+                print(f"  to fit: {advice(p, cfg.train, nproc, hf_config)}")
             return
     if nproc > 1 and "RANK" not in os.environ:
         from train.trainer import launch_with_torchrun
