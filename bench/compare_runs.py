@@ -1,6 +1,7 @@
 """Compare the losses and speed of training runs on the same data (the multi-GPU session's report).
 
     python bench/compare_runs.py RUNS_ROOT one dp2:2 tp2sp:2 [...]
+    python bench/compare_runs.py --exports INIT REF OTHER [...]     # exported HF folders, tensor by tensor
 
 Reads RUNS_ROOT/<name>/metrics.jsonl; the first run is the reference. `name:N` says the run used N GPUs
 (default 1). Prints per-step losses, the largest relative difference of each run from the reference, median
@@ -23,7 +24,30 @@ def load(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in recs if r["kind"] == "train"}
 
 
+def _weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v.double() for k, v in load_file(str(f)).items()})
+    return out
+
+
+def compare_exports(init: str, ref: str, others: list[str]) -> None:
+    """Per export, the worst relative L2 difference from REF of a tensor and of a tensor's update (trained -
+    INIT): Adam turns rounding into update differences first, so the update column is the stricter one."""
+    w0, wr = _weights(init), _weights(ref)
+    print(f"| export vs {ref} | worst tensor | worst update |\n|---|---|---|")
+    for o in others:
+        wo = _weights(o)
+        t = max((((wo[k] - wr[k]).norm() / wr[k].norm()).item(), k) for k in wr)
+        u = max(((((wo[k] - w0[k]) - (wr[k] - w0[k])).norm() / (wr[k] - w0[k]).norm().clamp_min(1e-30)).item(), k) for k in wr)
+        print(f"| {o} | {t[0]:.2e} ({t[1]}) | {u[0]:.2e} ({u[1]}) |")
+
+
 def main() -> None:
+    if sys.argv[1] == "--exports":
+        return compare_exports(sys.argv[2], sys.argv[3], sys.argv[4:])
     root = Path(sys.argv[1])
     gpus = {a.split(":")[0]: int(a.split(":")[1]) if ":" in a else 1 for a in sys.argv[2:]}
     names = list(gpus)

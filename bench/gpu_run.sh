@@ -13,6 +13,8 @@
 #            with 3,072-token micro-batches (5 steps: the bf16 noise floor), the FSDP backend (8 steps; SKIP_FSDP=1
 #            leaves it out); tokens/s, MFU, peak memory beside the memory plan
 #   dense    qwen3-vl-2b and qwen3-vl-4b, `geo3k train` 12 steps each: speed, MFU and peak memory beside the plan
+#   twogpu   (2 GPUs) every layout against one GPU from one random Qwen3-VL-2B checkpoint, exports compared,
+#            TP=2 -> 1 GPU resume, the MoE cut with EP=2
 set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu}
 mkdir -p "$OUT"
@@ -92,7 +94,38 @@ for part in "$@"; do
     done
     $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-4b | tee "$OUT/dense-compare.md"
     ;;
-  *) echo "unknown part $part (resume, moe, dense)"; exit 2 ;;
+  twogpu)
+    # Two GPUs. From one HF checkpoint of random Qwen3-VL-2B weights, 10 steps with eval: one GPU compiled and
+    # eager (the bf16 floor), DP=2, TP=2, TP=2 + SP, exports compared tensor by tensor; the TP=2 checkpoint of
+    # step 5 resumed on one GPU; the MoE cut with EP=2 against one GPU.
+    rm -rf $W/two-* $W/init-2b
+    $PY -c "
+import torch
+from transformers import AutoModelForImageTextToText
+from shared.presets import load_processor
+from train.models import load_hf_config
+torch.manual_seed(0)
+AutoModelForImageTextToText.from_config(load_hf_config('qwen3-vl-2b'), dtype=torch.bfloat16).save_pretrained('$W/init-2b')
+load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
+    two=(--set model.name_or_path=$W/init-2b --set train.random_init=false --set train.train_iters=10
+         --set train.eval_interval=10 --set train.eval_samples=32 --set train.save_interval=5 --set train.keep_checkpoints=0)
+    train two-one 240 "${two[@]}"
+    train two-eager 240 "${two[@]}" --set train.compile_layers=false
+    train two-dp2 240 "${two[@]}" --nproc 2
+    train two-tp2 240 "${two[@]}" --nproc 2 --set train.tensor_parallel=2
+    train two-tp2sp 240 "${two[@]}" --nproc 2 --set train.tensor_parallel=2 --set train.sequence_parallel=true
+    mkdir -p $W/two-resumed/checkpoints && cp -r $W/two-tp2/checkpoints/step-0000005 $W/two-resumed/checkpoints/ \
+      && echo step-0000005 > $W/two-resumed/checkpoints/latest
+    train two-resumed 240 "${two[@]}" --resume
+    for r in one eager dp2 tp2 tp2sp; do $G3 export $W/two-$r --out $W/two-$r/export > /dev/null 2>&1; done
+    $PY bench/compare_runs.py $W two-one two-eager two-dp2:2 two-tp2:2 two-tp2sp:2 two-resumed | tee "$OUT/twogpu-compare.md"
+    $PY bench/compare_runs.py --exports $W/init-2b $W/two-one/export $W/two-{eager,dp2,tp2,tp2sp}/export | tee -a "$OUT/twogpu-compare.md"
+    moe=(--set model.name_or_path=$DATA/qwen3-vl-30b-a3b-4l --set train.random_init=true --set train.train_iters=10)
+    train two-moe-one 240 "${moe[@]}"
+    train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
+    $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
+    ;;
+  *) echo "unknown part $part (resume, moe, dense, twogpu)"; exit 2 ;;
   esac
 done
 # the logs as one archive (what comes back from the machine is limited in file count)
