@@ -232,6 +232,9 @@ class TrainConfig:
     eval_samples: int = 64
     """Test problems answered by greedy generation for the accuracy metric (0: loss only)."""
     eval_max_new_tokens: int = 64
+    eval_image_gain: bool = True
+    """Also the eval loss with every image blanked, logged as image_gain = blank loss - loss (one more forward
+    per eval micro-batch): a model that stops seeing its images shows it here first."""
     log_interval: int = 1
     num_workers: int = 2
     """Background loader processes per rank."""

@@ -76,7 +76,7 @@ def train_losses(run: Path) -> dict[int, float]:
 def assert_trained_run(run: Path, steps: int) -> None:
     """What every backend's 20-step end-to-end run (checkpoints and eval every 10 steps) must show: a loss for
     each step, falling by more than 0.5 from the first five steps to the last five, checkpoints at steps 10 and
-    20, and a finite eval loss at both."""
+    20, and a finite eval loss (and image gain) at both."""
     import json
 
     import numpy as np
@@ -87,6 +87,9 @@ def assert_trained_run(run: Path, steps: int) -> None:
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000010", "step-0000020"]
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e["step"] for e in evals] == [10, 20] and all(np.isfinite(e["loss"]) for e in evals)
+    # the vision-reliance metric at every eval: the blanked-image loss, a different number
+    for e in evals:
+        assert e["image_gain"] != 0 and abs(e["image_gain"] - (e["loss_blank_images"] - e["loss"])) <= 1e-9, e
 
 
 @pytest.fixture(scope="session", autouse=True)

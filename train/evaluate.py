@@ -29,12 +29,17 @@ from train.answers import is_correct
 from train.data import DataConfig, PackingSpec, build_loader, pack_samples
 
 
-def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> dict[str, float]:
-    """Per-token loss over every sample of the eval set, once."""
+def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype, *, image_gain: bool = False) -> dict[str, float]:
+    """Per-token loss over every sample of the eval set, once.
+
+    With image_gain, the same loss again with every image blanked (the same grid, every pixel the processor's
+    mean colour, which normalises to exactly 0), and `image_gain = loss_blank - loss`: how much the model's
+    answers depend on the diagrams. About 0 for random weights (nothing is read from any input yet); clearly
+    positive for a model that reads the images; 0 exactly when pixels never reach the model."""
     ss = ShardSet(shard_dir)
     cfg = replace(spec_cfg, global_batch_size=ss.num_samples, drop_last=False, num_epochs=1, num_workers=0)
     loader = build_loader(shard_dir, cfg, world.dp_rank, world.dp)
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    total = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss sum, loss tokens, blank loss sum
     for step in loader:
         # the plan gives every rank the same number of micro-batches (padding-only ones where a rank has too
         # few samples); they are skipped unless the forward is a collective
@@ -43,9 +48,25 @@ def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype) -> di
                 continue
             mb = mb.to(world.device, pixel_dtype=pixel_dtype)
             total[0] += engine.eval_loss(mb).double()
+            if image_gain:
+                total[2] += engine.eval_loss(blank_images(mb)).double()
         total[1] += step.num_loss_tokens / world.dp  # every rank knows the global count
     _dp_sum(total, world)
-    return {"loss": float(total[0] / max(total[1], 1.0)), "samples": ss.num_samples}
+    tokens = max(float(total[1]), 1.0)
+    out = {"loss": float(total[0]) / tokens, "samples": ss.num_samples}
+    if image_gain:
+        out["loss_blank_images"] = float(total[2]) / tokens
+        out["image_gain"] = out["loss_blank_images"] - out["loss"]
+    return out
+
+
+def blank_images(mb):
+    """The micro-batch with every image's pixels at the processor's mean colour (normalised: 0), same grids."""
+    if not mb.num_patches:
+        return mb
+    out = replace(mb, keys=list(mb.keys))
+    out._pixel_values = torch.zeros_like(mb.pixel_values)
+    return out
 
 
 def _dp_group():

@@ -308,14 +308,20 @@ class Trainer:
         res["seconds"] = time.perf_counter() - t0
         self.logger.log("eval", self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
         acc_txt = f", accuracy {100 * res['accuracy']:.1f}% of {res['answered']}" if "accuracy" in res else ""
-        self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{acc_txt} ({res['seconds']:.1f}s)")
+        gain_txt = f", image gain {res['image_gain']:+.4f}" if "image_gain" in res else ""
+        self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{gain_txt}{acc_txt} ({res['seconds']:.1f}s)")
+        if "image_gain" in res and res["image_gain"] <= 0 and not self.cfg.train.random_init:
+            # pretrained weights read the diagrams: a blanked image must cost loss
+            self.say("warning: eval loss does not rise when the images are blanked (image gain <= 0): the model "
+                     "may not be seeing the images (check the shards with geo3k inspect and the image token ids)")
         return res
 
     def _evaluate(self) -> dict[str, Any]:
         from train.evaluate import eval_accuracy, eval_loss
 
-        res: dict[str, Any] = eval_loss(self.engine, self.eval_dir, self.data_cfg, self.world, self.pixel_dtype)
         tc = self.cfg.train
+        res: dict[str, Any] = eval_loss(self.engine, self.eval_dir, self.data_cfg, self.world, self.pixel_dtype,
+                                        image_gain=tc.eval_image_gain)
         if tc.eval_samples:
             ss = ShardSet(self.eval_dir)
             tokenizer = None
