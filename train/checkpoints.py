@@ -167,11 +167,9 @@ def prune(root: Path, keep: int, run_id: str, protect: Path) -> list[Path]:
 
 
 def holds_other_run(out_dir: Path) -> list[str]:
-    """What in out_dir belongs to an earlier run (its checkpoints, its metrics), so a fresh start would mix with it."""
-    found = [p.name for _, p in list_steps(out_dir / CHECKPOINTS)]
-    if (out_dir / "metrics.jsonl").exists():
-        found.append("metrics.jsonl")
-    return found
+    """The checkpoints of an earlier run in out_dir, which a fresh start must not mix with or prune. (Metrics
+    alone, of a run stopped before its first checkpoint, are what `--resume` would cut to step 0 anyway.)"""
+    return [p.name for _, p in list_steps(out_dir / CHECKPOINTS)]
 
 
 def clear_run(out_dir: Path) -> None:

@@ -54,6 +54,7 @@ from train.checkpoints import (
     write_run_id,
 )
 from train.data import DataConfig, PackingSpec, SampleTooLongError, build_loader
+from train.data.packing import steps_per_epoch
 from train.data.reader import verify_shards
 from train.distributed import World, barrier, destroy, init_distributed
 from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
@@ -305,6 +306,7 @@ class Trainer:
         shard_set, self.eval_dir = check_shard_sets(cfg, self.hf_config, self.data_cfg)
         self.fingerprint = shard_set.fingerprint
         resume_from: Path | None = None
+        self.finished: tuple[Path, int] | None = None
         self.evals_done: set[int] = set()  # steps whose eval is in metrics.jsonl: each runs once
         if resume:
             resume_from = latest_checkpoint(self.out_dir, warn=lambda w: self.say(f"warning: {w}"))
@@ -314,15 +316,24 @@ class Trainer:
             history = read_history(self.out_dir / "metrics.jsonl")  # a damaged file is refused before the model is built
             self.evals_done = {r["step"] for r in history if r["kind"] == "eval" and r["step"] <= int(state["step"])}
             self.run_id = state.get("run_id") or run_id_of(self.out_dir) or new_run_id()
+            per_epoch = steps_per_epoch(shard_set.num_samples, self.data_cfg)
+            total = per_epoch * tc.epochs if tc.train_iters is None else min(tc.train_iters, per_epoch * tc.epochs)
+            step = int(state["step"])
+            if step >= total and (self.eval_dir is None or step in self.evals_done):
+                # a finished run: its last checkpoint and eval exist, so nothing is built (or rewritten)
+                self.finished = (resume_from, step)
+                return
         else:
             other = holds_other_run(self.out_dir)
             if other and not overwrite:
                 raise TrainError(
-                    f"{self.out_dir} holds another run ({', '.join(other[:3])}{', …' if len(other) > 3 else ''}): continue it "
+                    f"{self.out_dir} holds another run's checkpoints ({', '.join(other[:3])}{', …' if len(other) > 3 else ''}): continue it "
                     "with --resume, start over with --overwrite (deletes its checkpoints and metrics), or set another train.output_dir"
                 )
-            if other and self.is_rank0:
-                clear_run(self.out_dir)
+            if self.is_rank0 and (other or (self.out_dir / "metrics.jsonl").exists()):
+                if other:
+                    self.say(f"--overwrite: deleting the earlier run in {self.out_dir} ({len(other)} checkpoints, its metrics)")
+                clear_run(self.out_dir)  # else only the metrics and events of a run stopped before its first checkpoint
             self.run_id = new_run_id()
 
         self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
@@ -366,7 +377,7 @@ class Trainer:
             write_run_id(self.out_dir, self.run_id)
 
     def say(self, msg: str) -> None:
-        if self.world.is_main:
+        if self.is_rank0:  # (also before the process group exists)
             print(msg, flush=True)
 
     # -- checkpoints
@@ -518,6 +529,10 @@ class Trainer:
     # -- train
     def train(self) -> dict[str, Any]:
         tc = self.cfg.train
+        if self.finished:
+            ckpt, step = self.finished
+            self.say(f"the run finished at step {step} ({ckpt}, eval logged): nothing to do; `geo3k export {self.out_dir}` exports it")
+            return {"steps": step, "last": {}, "eval": None, "checkpoint": str(ckpt), "data_wait_fraction": 0.0}
         w = self.world
         dev = w.device
         self.say(
@@ -530,7 +545,7 @@ class Trainer:
         t_start, start_step = time.perf_counter(), self.step
         last: dict[str, Any] = {}
         data_wait_total, step_time_total = 0.0, 0.0
-        if self.loaded_step and self._eval_due(self.step) and self.step < self.total_steps:
+        if self.loaded_step and self._eval_due(self.step) and self.step not in self.evals_done and self.step < self.total_steps:
             self.evaluate()  # the run stopped after saving this step, before its eval was logged
         it = iter(self.loader)
         with TrainingGC(tc.gc_interval) as collector:
