@@ -112,8 +112,16 @@ def copy_split(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def base_run(demo_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("durability") / "run"
-    geo3k(*train_args(demo_shards, out), cwd=out.parent)
+    proc = geo3k(*train_args(demo_shards, out), cwd=out.parent)
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+def test_a_steps_checkpoint_is_saved_before_its_eval(base_run):
+    lines = (base_run.parent / "stdout.txt").read_text().splitlines()
+    for step in (2, 4):
+        saved = lines.index(f"saved {base_run / 'checkpoints' / f'step-{step:07d}'}")
+        assert lines[saved + 1].startswith(f"eval @ step {step}:"), lines
 
 
 # ---------------------------------------------------------------- checkpoints are never lost
@@ -149,10 +157,11 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_says_so(base_ru
     run = shutil.copytree(base_run, tmp_path / "run")
     ckpts = run / "checkpoints"
     assert resolve_latest(run) == (ckpts / "step-0000004", None)
-    # a re-save killed between moving the old copy aside and renaming the new one in: the old copy comes back
+    # a re-save killed between moving the old copy aside and renaming the new one in: the old copy is used
     os.rename(ckpts / "step-0000004", ckpts / ".old-step-0000004")
     found, warning = resolve_latest(run)
-    assert found == ckpts / "step-0000004" and "restored" in warning and found.is_dir()
+    assert found == ckpts / ".old-step-0000004" and "being replaced" in warning
+    os.rename(ckpts / ".old-step-0000004", ckpts / "step-0000004")
     # latest names a gutted folder (a file cut short): the older complete checkpoint, with a warning naming both
     model = ckpts / "step-0000004" / "model_tp00.pt"
     os.truncate(model, model.stat().st_size // 2)

@@ -10,7 +10,8 @@
 A save writes everything into `.tmp-step-N`, fsyncs it, and only then renames it to `step-N` and points
 `latest` at it; an older checkpoint is deleted only after that. A kill at any moment therefore leaves
 `latest` on a complete checkpoint. Re-saving a step that exists (a resumed run going over its steps again)
-moves the old folder aside first and renames it back if the process dies between the two renames.
+moves the old folder aside (`.old-step-N`) first; if the process dies between the two renames, that copy is
+what `latest` resolves to until the step is saved again.
 
 `resolve_latest` is what `--resume` and `geo3k export RUN` use: the checkpoint `latest` names when it is
 complete (every listed file present with its size), else the newest complete one of the same run, with a
@@ -145,8 +146,9 @@ def resolve_latest(out_dir: Path) -> tuple[Path | None, str | None]:
             return named, None
         aside = root / f"{REPLACED}{name}"
         if why == "missing" and incomplete_reason(aside) is None:
-            os.rename(aside, named)  # a re-save died between moving the old folder aside and renaming the new one in
-            return named, f"{named} was being replaced when the run stopped: restored the complete earlier copy"
+            # a re-save died between moving the old folder aside and renaming the new one in. Read where it is
+            # (every rank resolves this at once, so none renames); the next save of that step replaces it
+            return aside, f"{named} was being replaced when the run stopped: using its complete earlier copy {aside}"
     run_id = run_id_of(Path(out_dir))
     for _, ckpt in reversed(list_steps(root)):
         if incomplete_reason(ckpt) is None and (run_id is None or read_state(ckpt).get("run_id") in (None, run_id)):

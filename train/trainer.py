@@ -341,8 +341,12 @@ class Trainer:
             card = torch.cuda.get_device_properties(self.world.device).total_memory
             check_memory(cfg, self.hf_config, self.world.world_size, card, self.say)
         if self.world.is_main:
-            for leftover in (self.out_dir / CHECKPOINTS).glob(f"{STAGING}*"):  # a save that was killed: never complete
+            root = self.out_dir / CHECKPOINTS
+            for leftover in root.glob(f"{STAGING}*"):  # a save that was killed: never complete
                 shutil.rmtree(leftover, ignore_errors=True)
+            for aside in root.glob(f"{REPLACED}*"):  # replaced copies whose replacement is in place
+                if incomplete_reason(root / aside.name[len(REPLACED):]) is None:
+                    shutil.rmtree(aside, ignore_errors=True)
 
         random.seed(tc.seed)
         np.random.seed(tc.seed)
