@@ -168,6 +168,11 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_says_so(base_ru
     found, warning = resolve_latest(run)
     assert found == ckpts / "step-0000002"
     assert "step-0000004" in warning and "damaged" in warning and "model_tp00.pt" in warning
+    # export: the damaged checkpoint itself is refused, the run folder exports the complete one and says so
+    code, _, err = cli("export", str(ckpts / "step-0000004"), "--out", str(tmp_path / "hf"))
+    one_error_line(code, err, "step-0000004 is damaged", "model_tp00.pt")
+    code, out, err = cli("export", str(run), "--out", str(tmp_path / "hf"), "--dtype", "float32")
+    assert code == 0 and f"warning: {warning}" in err and (tmp_path / "hf" / "model.safetensors").exists(), err
     (ckpts / "step-0000002" / "trainer_state.json").unlink()
     assert resolve_latest(run) == (None, None)
 
@@ -189,15 +194,18 @@ def _kill_during_save(args: list[str], staging: Path, cwd: Path) -> None:
         proc.wait()
 
 
-def test_kill_during_a_save_then_resume_logs_each_step_once_with_the_same_losses(base_run, demo_shards, tmp_path):
+def test_overwrite_then_kill_during_a_save_then_resume_logs_each_step_once_with_the_same_losses(base_run, demo_shards, tmp_path):
     from train.checkpoints import incomplete_reason
 
-    run = tmp_path / "run"
+    # a new run started over (--overwrite) in the folder of the reference run, killed while saving step 3
+    run = shutil.copytree(base_run, tmp_path / "run")
     ckpts = run / "checkpoints"
     args = train_args(demo_shards, run, "--set", "train.save_interval=1")
-    _kill_during_save(args, ckpts / ".tmp-step-0000003", tmp_path)
+    _kill_during_save([*args, "--overwrite"], ckpts / ".tmp-step-0000003", tmp_path)
     assert (ckpts / "latest").read_text() == "step-0000002"
     assert incomplete_reason(ckpts / "step-0000002") is None and not (ckpts / "step-0000003").exists()
+    assert not (ckpts / "step-0000004").exists()  # the earlier run's checkpoints went with --overwrite
+    assert json.loads((run / "run.json").read_text()) != json.loads((base_run / "run.json").read_text())
 
     proc = geo3k(*args, "--resume", cwd=tmp_path)
     assert f"resumed from {ckpts / 'step-0000002'} at step 2" in proc.stdout

@@ -402,12 +402,16 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
+        from torch.distributed.checkpoint.api import CheckpointException
+
         error: BaseException | None = None
         try:
             self.engine.save(staging)
             torch.save(_rng_state(), staging / f"rng_rank{self.world.rank:03d}.pt")
-        except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError, Python's OSError
-            error = e
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # a full disk: torch's writer raises RuntimeError, Python OSError, the FSDP engine's DCP gathers every
+            # rank's failure into a CheckpointException (raised on all ranks; its text is tracebacks: keep the cause)
+            error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         self._stop_if_any_failed(error, staging)
         if self.world.is_main:
             try:
