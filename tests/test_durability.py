@@ -90,6 +90,15 @@ def member_span(tar_path: Path, suffix: str, nth: int = 0) -> tuple[int, int, st
     return info.offset_data, info.size, info.name.split(".", 1)[0]
 
 
+def npy_data(tar_path: Path, offset: int) -> tuple[int, np.dtype]:
+    """(file offset of the first element, dtype) of the .npy member whose data starts at offset."""
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        np.lib.format.read_magic(f)
+        _, _, dtype = np.lib.format.read_array_header_1_0(f)
+        return f.tell(), dtype
+
+
 def patch_bytes(path: Path, offset: int, new: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -343,12 +352,8 @@ def test_records_are_checked_even_when_the_manifest_matches_them(what, demo_shar
     shard = split / "shard-000002.tar"
     member = "input_ids.npy" if what == "token id" else "loss_mask.npy"
     offset, size, key = member_span(shard, member, nth=1)
-    # .npy: the header is a multiple of 64 bytes; the first element follows it
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        header = np.lib.format.read_magic(f) and np.lib.format.read_array_header_1_0(f)
-        data_at = f.tell()
-    assert header[2] == (np.dtype("<i4") if what == "token id" else np.dtype("u1"))
+    data_at, dtype = npy_data(shard, offset)
+    assert dtype == (np.dtype("<i4") if what == "token id" else np.dtype("u1"))
     patch_bytes(shard, data_at, np.int32(151714).tobytes() if what == "token id" else bytes([254]))
     manifest = json.loads((split / "manifest.json").read_text())
     entry = next(s for s in manifest["shards"] if s["name"] == shard.name)
@@ -431,3 +436,18 @@ def test_an_allowed_schedule_change_is_said(base_run, demo_shards):
     fingerprint = json.loads((ckpt / "trainer_state.json").read_text())["fingerprint"]
     state = check_resume(ckpt, cfg, fingerprint, allow_schedule_change=True, say=said.append)
     assert state["step"] == 4 and said == ["note: --allow-schedule-change: continuing with train.train_iters 4 -> 8"]
+
+
+def test_a_hand_made_manifest_without_hashes_still_loads_with_its_records_checked(demo_shards, tmp_path):
+    """The benchmarks' synthetic shard sets list shards by name and sample count only."""
+    split = copy_split(demo_shards / "train", tmp_path / "train")
+    manifest = json.loads((split / "manifest.json").read_text())
+    manifest["shards"] = [{"name": s["name"], "samples": s["samples"]} for s in manifest["shards"]]
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    assert _epoch(split) == 48
+    offset, _, key = member_span(split / "shard-000001.tar", "loss_mask.npy")
+    patch_bytes(split / "shard-000001.tar", npy_data(split / "shard-000001.tar", offset)[0], bytes([254]))
+    from train.data.reader import ShardError
+
+    with pytest.raises(ShardError, match=rf"bad record {key}: loss mask must be 0/1"):
+        _epoch(split)
