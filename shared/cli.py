@@ -199,6 +199,10 @@ def train(
     Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
     -m shared.cli train ...` on each node.
     """
+    if resume and overwrite:
+        from shared.config import ConfigError
+
+        raise ConfigError("--resume continues the run in train.output_dir, --overwrite deletes it: pass one of them")
     overrides = list(set_ or [])
     if backend:
         overrides.append(f"train.backend={backend}")
@@ -225,10 +229,6 @@ def train(
         launch_with_torchrun(nproc, argv)
     from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
 
-    if resume and overwrite:
-        from shared.config import ConfigError
-
-        raise ConfigError("--resume continues the run in train.output_dir, --overwrite deletes it: pass one of them")
     result = run_training(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
     if json_out and int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2, default=str))

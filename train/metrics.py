@@ -43,7 +43,6 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
