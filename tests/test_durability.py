@@ -224,6 +224,12 @@ def test_overwrite_then_kill_during_a_save_then_resume_logs_each_step_once_with_
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
     ref, got = train_losses(base_run), train_losses(run)
     assert all(abs(ref[s] - got[s]) <= 1e-6 for s in range(1, STEPS + 1)), (ref, got)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()  # TensorBoard's own reader, over the killed run's event file and the resumed run's
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
 
     # resuming the finished run rewrites nothing (the re-save that a kill could destroy is gone) and logs nothing
     final = ckpts / "step-0000004"
