@@ -100,6 +100,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
+    def flush(self) -> None:
+        """Put the events logged so far on disk (TensorBoard buffers for up to two minutes): called at each
+        checkpoint, so a killed run's events reach at least its last checkpoint, as metrics.jsonl does."""
+        if self.enabled and self.tb is not None:
+            self.tb.flush()
+
     @staticmethod
     def line(step: int, total: int, v: dict[str, Any], eta_s: float) -> str:
         parts = [

@@ -421,6 +421,7 @@ class Trainer:
         self._stop_if_any_failed(error, staging)
         if self.world.is_main:
             prune(root, self.cfg.train.keep_checkpoints, self.run_id, protect=final)
+            self.logger.flush()
         barrier()
         self.last_checkpoint = final
         return final
