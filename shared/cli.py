@@ -166,6 +166,13 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.output_dir.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over in a train.output_dir that holds another run, deleting its checkpoints and metrics.")
+    ] = False,
+    allow_schedule_change: Annotated[
+        bool,
+        typer.Option("--allow-schedule-change", help="With --resume: continue although train_iters, epochs, lr or another schedule setting changed."),
+    ] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node; >1 relaunches under torchrun.")] = 1,
     backend: Annotated[Optional[str], typer.Option("--backend", help="megatron (default) or fsdp.")] = None,
     plan: Annotated[
@@ -185,11 +192,17 @@ def train(
 
       geo3k train --resume
 
+      geo3k train --overwrite --set train.output_dir=runs/geo3k
+
       geo3k train --plan --nproc 8 --set model.name_or_path=qwen3-vl-30b-a3b --set train.expert_parallel=8
 
     Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
     -m shared.cli train ...` on each node.
     """
+    if resume and overwrite:
+        from shared.config import ConfigError
+
+        raise ConfigError("--resume continues the run in train.output_dir, --overwrite deletes it: pass one of them")
     overrides = list(set_ or [])
     if backend:
         overrides.append(f"train.backend={backend}")
@@ -223,7 +236,7 @@ def train(
         launch_with_torchrun(nproc, argv)
     from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
 
-    result = run_training(cfg, resume=resume)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
     if json_out and int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2, default=str))
 
@@ -242,7 +255,7 @@ def export(
     """
     from train.trainer import export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, dtype=dtype)
+    path = export_checkpoint(checkpoint, out, dtype=dtype, warn=lambda w: print(f"warning: {w}", file=sys.stderr))
     print(f"exported {path}; load it with transformers' AutoModelForImageTextToText.from_pretrained({str(path)!r})")
 
 

@@ -169,7 +169,7 @@ class TrainConfig:
     shards: str | None = None
     """Training shard set (a split folder); default <shards.output_dir>/<dataset>/train."""
     eval_shards: str | None = None
-    """Eval shard set; default <shards.output_dir>/<dataset>/test (skipped if absent)."""
+    """Eval shard set; default <shards.output_dir>/<dataset>/test. Must exist while eval is on (train.eval_interval > 0)."""
     random_init: bool = False
     """Start from random weights of model.name_or_path's architecture (benchmarks, demos) instead of its checkpoint."""
     output_dir: str = "runs/geo3k"
@@ -226,9 +226,10 @@ class TrainConfig:
     save_last: bool = True
     """Save a checkpoint when training ends (benchmarks turn it off)."""
     keep_checkpoints: int = 2
-    """Keep the newest N checkpoints, deleting older ones (0 keeps all): a 2B model's is ~30 GB with Adam."""
+    """Keep this run's newest N checkpoints, deleting its older ones once a new one is complete (0 keeps all):
+    a 2B model's is ~30 GB with Adam."""
     eval_interval: int = 100
-    """Evaluate every N steps (and at the end); 0 evaluates only at the end."""
+    """Evaluate every N steps and at the end, after that step's checkpoint; 0 turns eval off (no eval shards needed)."""
     eval_samples: int = 64
     """Test problems answered by greedy generation for the accuracy metric (0: loss only)."""
     eval_max_new_tokens: int = 64

@@ -135,7 +135,10 @@ class ShardSet:
         path = self.root / INDEX
         if not path.exists():
             raise ShardSetError(f"{path} is missing: rerun `geo3k preprocess --force` to rebuild the shard set")
-        return pq.read_table(path)
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:  # truncated or overwritten: arrow's own message, then the fix
+            raise ShardSetError(f"{path} cannot be read ({e}): rerun `geo3k preprocess --force` to rebuild the shard set") from None
 
     def rejects(self) -> list[dict[str, Any]]:
         path = self.root / REJECTS

@@ -1,4 +1,9 @@
-"""Where training feedback goes: a live line, metrics.jsonl, TensorBoard, Weights & Biases, a loss curve."""
+"""Where training feedback goes: a live line, metrics.jsonl, TensorBoard, Weights & Biases, a loss curve.
+
+A resumed run continues the history of the checkpoint it resumed from: metrics.jsonl is cut back to that step
+(what was logged after it is trained again), and TensorBoard purges its later events, so every step appears
+once in the file, in the event files and in loss.png.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,35 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from shared.errors import UserError
+
+
+class MetricsError(UserError, ValueError):
+    """A metrics.jsonl that cannot be continued; the message says which line and what to do."""
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line that is not a JSON record is an error naming it."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(errors="replace").split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and "kind" in rec
+        except ValueError:
+            ok = False
+        if not ok:
+            cut = "is cut short (the run was stopped while writing it)" if i == len(lines) else "is not a metrics record"
+            raise MetricsError(
+                f"{path} line {i} {cut}: {line[:60]!r}; delete that line (or the file, losing the history) and resume again"
+            )
+        records.append(rec)
+    return records
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -19,7 +53,8 @@ def _fmt_duration(seconds: float) -> str:
 class MetricsLogger:
     """Rank 0 only; other ranks get a logger that does nothing."""
 
-    def __init__(self, out_dir: Path, enabled: bool, *, wandb_project: str | None, config: dict[str, Any], resume: bool):
+    def __init__(self, out_dir: Path, enabled: bool, *, wandb_project: str | None, config: dict[str, Any], resume_step: int | None = None):
+        """resume_step: the step of the checkpoint a resumed run starts from (None: a fresh run)."""
         self.enabled = enabled
         self.out_dir = out_dir
         self.history: list[dict[str, Any]] = []
@@ -29,16 +64,22 @@ class MetricsLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
-        if resume and path.exists():
-            self.history = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        resume = resume_step is not None
+        if resume:
+            self.history = [r for r in read_history(path) if r["step"] <= resume_step]
+            # rewritten whole, then renamed: a kill now leaves the old file or the cut one, never a mix
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, path)
         self.jsonl = open(path, "a" if resume else "w", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step hides the earlier run's events from that step on (those steps are trained again)
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume else None)
         except ImportError:  # tensorboard is a dependency, but a stripped install still trains
             self.tb = None
-        if os.environ.get("WANDB_API_KEY"):
+        if os.environ.get("WANDB_API_KEY"):  # (W&B keeps its own history; a resumed run logs steps again)
             try:
                 import wandb
 
@@ -58,6 +99,12 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def flush(self) -> None:
+        """Put the events logged so far on disk (TensorBoard buffers for up to two minutes): called at each
+        checkpoint, so a killed run's events reach at least its last checkpoint, as metrics.jsonl does."""
+        if self.enabled and self.tb is not None:
+            self.tb.flush()
 
     @staticmethod
     def line(step: int, total: int, v: dict[str, Any], eta_s: float) -> str:

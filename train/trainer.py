@@ -1,10 +1,17 @@
 """`geo3k train`: shards in, a trained Hugging Face checkpoint out.
 
-    load config -> start processes -> check shards fit the model -> build engine + loader
-    -> [resume] -> loop: step, log, eval every N, checkpoint every N -> final eval, checkpoint, loss curve
+    load config -> lock the run folder -> check shards and the resume point -> start processes
+    -> build engine + loader -> [resume] -> loop: step, log, checkpoint every N, eval every N
+    -> final checkpoint, final eval, loss curve
 
 Only the shards are read (never the raw data or the processor's image code): rerunning training never
 re-tokenizes. The tokenizer is loaded only to print generated answers at eval time.
+
+Everything a user can get wrong is refused before a process group, model or optimizer exists: the layout, the
+train and eval shard sets (present, consistent with their manifests, non-empty, every sample within the token
+budget, made for this model), another run's files in train.output_dir, a second `geo3k train` on the same
+folder, a damaged metrics.jsonl or changed schedule on `--resume`. A step's checkpoint is written before that
+step's eval, so an eval that fails costs no training; train/checkpoints.py says why a save can never lose one.
 """
 
 from __future__ import annotations
@@ -26,12 +33,34 @@ import torch.distributed as dist
 from shared.config import PipelineConfig
 from shared.errors import UserError
 from shared.manifest import ShardSet
-from train.data import DataConfig, PackingSpec, build_loader
+from train.checkpoints import (
+    CHECKPOINTS,
+    LATEST,
+    REPLACED,
+    STAGING,
+    RunLock,
+    atomic_write_text,
+    clear_run,
+    fsync_dir,
+    fsync_tree,
+    holds_other_run,
+    incomplete_reason,
+    new_run_id,
+    prune,
+    read_state,
+    resolve_latest,
+    run_id_of,
+    step_name,
+    write_run_id,
+)
+from train.data import DataConfig, PackingSpec, SampleTooLongError, build_loader
+from train.data.packing import steps_per_epoch
+from train.data.reader import verify_shards
 from train.distributed import World, barrier, destroy, init_distributed
 from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
 from train.flops import StepFlops, datasheet_peak_tflops, measure_peak_tflops
 from train.gc_policy import TrainingGC
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, read_history
 
 
 class TrainError(UserError, RuntimeError):
@@ -149,13 +178,79 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    marker = out_dir / "checkpoints" / "latest"
-    if marker.exists():
-        path = out_dir / "checkpoints" / marker.read_text().strip()
-        if (path / "trainer_state.json").exists():
-            return path
-    return None
+SCHEDULE_FIELDS = ("train_iters", "epochs", "lr", "min_lr", "warmup_fraction", "weight_decay", "adam_beta1",
+                   "adam_beta2", "adam_eps", "clip_grad")
+"""What the learning-rate schedule and the optimizer's updates are computed from: a resumed run that changes one
+changes the run mid-way, so it is refused unless asked for (--allow-schedule-change)."""
+
+
+def check_shard_sets(cfg: PipelineConfig, hf_config, data_cfg: DataConfig) -> tuple[ShardSet, Path | None]:
+    """The train and (when eval is on) eval shard sets, refused now rather than at step N: missing, made for another
+    model, inconsistent with their manifests, empty, a sample over the token budget; the eval set's shards are
+    hashed too (the accuracy pass reads them outside the loader, and a test split is small)."""
+    train_dir = cfg.train_shards()
+    train_set = ShardSet(train_dir)
+    check_shards_fit_model(train_set.processor, hf_config, train_dir)
+    try:
+        build_loader(train_dir, data_cfg)  # what the real loader checks when it is built; only the index is read
+    except SampleTooLongError as e:
+        raise TrainError(f"training shards {train_dir}: {e}") from None
+    if not cfg.train.eval_interval:
+        return train_set, None
+    eval_dir = cfg.eval_shards()
+    if not eval_dir.exists():
+        raise TrainError(
+            f"the eval shards {eval_dir} do not exist: preprocess the test split, point train.eval_shards at a split "
+            "folder, or set train.eval_interval=0 to train without eval"
+        )
+    eval_set = ShardSet(eval_dir)
+    check_shards_fit_model(eval_set.processor, hf_config, eval_dir)
+    if not eval_set.num_samples:
+        raise TrainError(f"the eval shards {eval_dir} hold no samples: preprocess the test split again, or set train.eval_interval=0")
+    from dataclasses import replace
+
+    try:
+        build_loader(eval_dir, replace(data_cfg, global_batch_size=eval_set.num_samples, drop_last=False, num_epochs=1, num_workers=0))
+    except SampleTooLongError as e:
+        raise TrainError(f"eval shards {eval_dir}: {e}") from None
+    verify_shards(eval_set)
+    return train_set, eval_dir
+
+
+def check_resume(ckpt: Path, cfg: PipelineConfig, fingerprint: str, *, allow_schedule_change: bool, say) -> dict[str, Any]:
+    """Refuse a resume that cannot continue this run as it was; returns the checkpoint's trainer state."""
+    import yaml
+
+    state = read_state(ckpt)
+    if state.get("backend", "megatron") != cfg.train.backend:
+        raise TrainError(f"{ckpt} was saved by the {state['backend']} backend: resume with --backend {state['backend']}")
+    if state["fingerprint"] != fingerprint:
+        raise TrainError(
+            f"{ckpt} was trained on shards with fingerprint {state['fingerprint'][:12]}…, these are "
+            f"{fingerprint[:12]}…: resume on the same shards or start a new run (another train.output_dir)"
+        )
+    saved_path = ckpt / "config.yaml"
+    saved = (yaml.safe_load(saved_path.read_text()) or {}).get("train", {}) if saved_path.exists() else {}
+    now = asdict(cfg.train)
+    changed = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in SCHEDULE_FIELDS if k in saved and saved[k] != now[k]]
+    if changed and not allow_schedule_change:
+        raise TrainError(
+            f"--resume: {ckpt} was trained with other schedule settings ({'; '.join(changed)}), which would change the "
+            "learning-rate schedule mid-run: resume with the checkpoint's values, or pass --allow-schedule-change to "
+            "continue with the new ones"
+        )
+    if changed:
+        say(f"note: --allow-schedule-change: continuing with {'; '.join(changed)}")
+    return state
+
+
+def latest_checkpoint(out_dir: Path, warn=None) -> Path | None:
+    """The checkpoint to continue from: what `latest` names, or the newest complete one when that is damaged
+    (`warn` gets the sentence saying so)."""
+    ckpt, warning = resolve_latest(Path(out_dir))
+    if warning and warn:
+        warn(warning)
+    return ckpt
 
 
 def _weights_source(cfg: PipelineConfig) -> str | None:
@@ -174,25 +269,84 @@ def _weights_source(cfg: PipelineConfig) -> str | None:
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, *, resume: bool = False):
+    def __init__(self, cfg: PipelineConfig, *, resume: bool = False, overwrite: bool = False, allow_schedule_change: bool = False):
         from train.models import load_hf_config
 
         self.cfg = cfg
         tc = cfg.train
+        self.out_dir = Path(tc.output_dir)
+        self.is_rank0 = int(os.environ.get("RANK", 0)) == 0
         self.hf_config = load_hf_config(cfg.model.name_or_path)
         check_layout(tc, self.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
+        # one process per folder: the lock is held until this process ends (or close())
+        self.lock = RunLock(self.out_dir) if self.is_rank0 else None
+        try:
+            self._build(resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, *, resume: bool, overwrite: bool, allow_schedule_change: bool) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self.data_cfg = DataConfig(
+            max_tokens_per_gpu=tc.max_tokens_per_gpu,
+            max_patches_per_gpu=tc.max_patches_per_micro_batch,
+            pad_to_multiple_of=tc.tensor_parallel if tc.sequence_parallel else 1,
+            global_batch_size=tc.global_batch_size,
+            num_epochs=tc.epochs,
+            seed=tc.seed,
+            num_workers=tc.num_workers,
+        )
+        self.train_dir = cfg.train_shards()
+        shard_set, self.eval_dir = check_shard_sets(cfg, self.hf_config, self.data_cfg)
+        self.fingerprint = shard_set.fingerprint
+        resume_from: Path | None = None
+        self.finished: tuple[Path, int] | None = None
+        self.evals_done: set[int] = set()  # steps whose eval is in metrics.jsonl: each runs once
+        if resume:
+            resume_from = latest_checkpoint(self.out_dir, warn=lambda w: self.say(f"warning: {w}"))
+            if resume_from is None:
+                raise TrainError(f"--resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}; start without --resume")
+            state = check_resume(resume_from, cfg, self.fingerprint, allow_schedule_change=allow_schedule_change, say=self.say)
+            history = read_history(self.out_dir / "metrics.jsonl")  # a damaged file is refused before the model is built
+            self.evals_done = {r["step"] for r in history if r["kind"] == "eval" and r["step"] <= int(state["step"])}
+            self.run_id = state.get("run_id") or run_id_of(self.out_dir) or new_run_id()
+            per_epoch = steps_per_epoch(shard_set.num_samples, self.data_cfg)
+            total = per_epoch * tc.epochs if tc.train_iters is None else min(tc.train_iters, per_epoch * tc.epochs)
+            step = int(state["step"])
+            if step >= total and (self.eval_dir is None or step in self.evals_done):
+                # a finished run: its last checkpoint and eval exist, so nothing is built (or rewritten)
+                self.finished = (resume_from, step)
+                return
+        else:
+            other = holds_other_run(self.out_dir)
+            if other and not overwrite:
+                raise TrainError(
+                    f"{self.out_dir} holds another run's checkpoints ({', '.join(other[:3])}{', …' if len(other) > 3 else ''}): continue it "
+                    "with --resume, start over with --overwrite (deletes its checkpoints and metrics), or set another train.output_dir"
+                )
+            if self.is_rank0 and (other or (self.out_dir / "metrics.jsonl").exists()):
+                if other:
+                    self.say(f"--overwrite: deleting the earlier run in {self.out_dir} ({len(other)} checkpoints, its metrics)")
+                clear_run(self.out_dir)  # else only the metrics and events of a run stopped before its first checkpoint
+            self.run_id = new_run_id()
+
         self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
         if self.world.device.type == "cuda":
             card = torch.cuda.get_device_properties(self.world.device).total_memory
             check_memory(cfg, self.hf_config, self.world.world_size, card, self.say)
-        self.out_dir = Path(tc.output_dir)
-        self.train_dir = cfg.train_shards()
-        shard_set = ShardSet(self.train_dir)
-        self.fingerprint = shard_set.fingerprint
-        check_shards_fit_model(shard_set.processor, self.hf_config, self.train_dir)
-        self.eval_dir = cfg.eval_shards() if (cfg.eval_shards() / "manifest.json").exists() else None
-        if self.eval_dir is not None:
-            check_shards_fit_model(ShardSet(self.eval_dir).processor, self.hf_config, self.eval_dir)
+        if self.world.is_main:
+            root = self.out_dir / CHECKPOINTS
+            for leftover in root.glob(f"{STAGING}*"):  # a save that was killed: never complete
+                shutil.rmtree(leftover, ignore_errors=True)
+            for aside in root.glob(f"{REPLACED}*"):  # replaced copies whose replacement is in place
+                if incomplete_reason(root / aside.name[len(REPLACED):]) is None:
+                    shutil.rmtree(aside, ignore_errors=True)
 
         random.seed(tc.seed)
         np.random.seed(tc.seed)
@@ -203,87 +357,127 @@ class Trainer:
             Engine = MegatronEngine
         self.engine = Engine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
         self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
-        self.data_cfg = DataConfig(
-            max_tokens_per_gpu=tc.max_tokens_per_gpu,
-            max_patches_per_gpu=tc.max_patches_per_micro_batch,
-            pad_to_multiple_of=tc.tensor_parallel if tc.sequence_parallel else 1,
-            global_batch_size=tc.global_batch_size,
-            num_epochs=tc.epochs,
-            seed=tc.seed,
-            num_workers=tc.num_workers,
-        )
         self.loader = build_loader(self.train_dir, self.data_cfg, self.world.dp_rank, self.world.dp)
         self.total_steps = self.loader.total_steps if tc.train_iters is None else min(tc.train_iters, self.loader.total_steps)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        if resume:
-            ckpt = latest_checkpoint(self.out_dir)
-            if ckpt is None:
-                raise TrainError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; start without --resume")
-            self._load(ckpt)
+        self.loaded_step: int | None = None
+        if resume_from is not None:
+            self._load(resume_from)
         self.flops = StepFlops.from_hf_config(self.hf_config)
         # the Megatron engine runs the LM head on every token under sequence parallelism, else at the loss positions
         self.head_on_every_token = tc.backend == "megatron" and tc.sequence_parallel
         self.peak_tflops, self.card = datasheet_peak_tflops(self.world.device)
         self.measured_tflops = measure_peak_tflops(self.world.device)
         self.logger = MetricsLogger(
-            self.out_dir, self.world.is_main, wandb_project=tc.wandb_project, config=asdict(cfg), resume=resume
+            self.out_dir, self.world.is_main, wandb_project=tc.wandb_project, config=asdict(cfg),
+            resume_step=self.step if resume_from is not None else None,
         )
         if self.world.is_main:
             (self.out_dir).mkdir(parents=True, exist_ok=True)
             import yaml
 
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            write_run_id(self.out_dir, self.run_id)
 
     def say(self, msg: str) -> None:
-        if self.world.is_main:
+        if self.is_rank0:  # (also before the process group exists)
             print(msg, flush=True)
 
     # -- checkpoints
     def save(self) -> Path:
-        name = f"step-{self.step:07d}"
-        ckpt = self.out_dir / "checkpoints" / name
+        """Write this step's checkpoint into a staging folder, then rename it into place and point `latest` at it;
+        only then are this run's older checkpoints pruned (train/checkpoints.py)."""
+        root = self.out_dir / CHECKPOINTS
+        name = step_name(self.step)
+        final = root / name
+        self.save_skipped = self.loaded_step == self.step and incomplete_reason(final) is None
+        if self.save_skipped:
+            # a resumed run that trained nothing since (it had finished): rewriting would only risk the copy
+            self.say(f"{final} is up to date (nothing was trained after it): kept as it is")
+            self.last_checkpoint = final
+            return final
+        staging = root / f"{STAGING}{name}"
         if self.world.is_main:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            ckpt.mkdir(parents=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         barrier()
-        self.engine.save(ckpt)
-        torch.save(_rng_state(), ckpt / f"rng_rank{self.world.rank:03d}.pt")
-        barrier()
-        if self.world.is_main:
-            state = {
-                "step": self.step,
-                "total_steps": self.total_steps,
-                "data": self.loader.state_dict(),
-                "fingerprint": self.fingerprint,
-                "tensor_parallel": self.world.tp,
-                "expert_parallel": self.world.ep,
-                "data_parallel": self.world.dp,
-                "backend": self.engine.name,
-            }
-            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (ckpt / "hf_config.json").write_text(self.hf_config.to_json_string())
-            import yaml
+        from torch.distributed.checkpoint.api import CheckpointException
 
-            (ckpt / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
-            (self.out_dir / "checkpoints" / "latest").write_text(name)
-            keep = self.cfg.train.keep_checkpoints
-            if keep:
-                for old in sorted((self.out_dir / "checkpoints").glob("step-*"))[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+        error: BaseException | None = None
+        try:
+            self.engine.save(staging)
+            torch.save(_rng_state(), staging / f"rng_rank{self.world.rank:03d}.pt")
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # a full disk: torch's writer raises RuntimeError, Python OSError, the FSDP engine's DCP gathers every
+            # rank's failure into a CheckpointException (raised on all ranks; its text is tracebacks: keep the cause)
+            error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        self._stop_if_any_failed(error, staging)
+        if self.world.is_main:
+            try:
+                self._seal(staging, final)
+            except OSError as e:
+                error = e
+        self._stop_if_any_failed(error, staging)
+        if self.world.is_main:
+            prune(root, self.cfg.train.keep_checkpoints, self.run_id, protect=final)
+            self.logger.flush()
         barrier()
-        self.last_checkpoint = ckpt
-        return ckpt
+        self.last_checkpoint = final
+        return final
+
+    def _seal(self, staging: Path, final: Path) -> None:
+        """Rank 0, every rank's files written: the state that makes the folder complete, then the renames."""
+        import yaml
+
+        (staging / "hf_config.json").write_text(self.hf_config.to_json_string())
+        (staging / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "data": self.loader.state_dict(),
+            "fingerprint": self.fingerprint,
+            "tensor_parallel": self.world.tp,
+            "expert_parallel": self.world.ep,
+            "data_parallel": self.world.dp,
+            "backend": self.engine.name,
+            "run_id": self.run_id,
+            # what resolve_latest checks: a folder whose files are all there with these sizes is complete
+            "files": fsync_tree(staging),
+        }
+        atomic_write_text(staging / "trainer_state.json", json.dumps(state, indent=2))
+        root = final.parent
+        aside = root / f"{REPLACED}{final.name}"
+        if final.exists():  # the same step saved before (a resumed run going over it again): keep it until replaced
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+        os.rename(staging, final)
+        fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _stop_if_any_failed(self, error: BaseException | None, staging: Path) -> None:
+        """Every rank learns whether any rank failed to write (else the others would wait in a collective forever);
+        the half-written folder goes, the earlier checkpoints stay."""
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.world.device)
+        if dist.is_initialized() and self.world.world_size > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
+            return
+        if self.world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = " ".join(str(error).split()) if error is not None else "another rank could not write its part"
+        where = (
+            f"the last complete checkpoint is {self.last_checkpoint} (--resume continues from it)"
+            if self.last_checkpoint else "no checkpoint was saved before this one"
+        )
+        raise TrainError(
+            f"could not save the checkpoint of step {self.step} under {staging.parent}: {reason}. Free disk space there "
+            f"(or lower train.keep_checkpoints, or set another train.output_dir); {where}"
+        )
 
     def _load(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("backend", "megatron") != self.engine.name:
-            raise TrainError(f"{ckpt} was saved by the {state['backend']} backend: resume with --backend {state['backend']}")
-        if state["fingerprint"] != self.fingerprint:
-            raise TrainError(
-                f"{ckpt} was trained on shards with fingerprint {state['fingerprint'][:12]}…, these are "
-                f"{self.fingerprint[:12]}…: resume on the same shards or start a new run (another train.output_dir)"
-            )
+        state = read_state(ckpt)
         saved = self.engine.load(ckpt)
         if saved is not None and saved != (self.world.tp, self.world.ep):
             self.say(
@@ -295,6 +489,7 @@ class Trainer:
         if rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
         self.step = int(state["step"])
+        self.loaded_step = self.step
         self.last_checkpoint = ckpt
         self.say(f"resumed from {ckpt} at step {self.step}")
 
@@ -307,6 +502,7 @@ class Trainer:
             res = self._evaluate()
         res["seconds"] = time.perf_counter() - t0
         self.logger.log("eval", self.step, {k: v for k, v in res.items() if isinstance(v, (int, float))})
+        self.evals_done.add(self.step)
         acc_txt = f", accuracy {100 * res['accuracy']:.1f}% of {res['answered']}" if "accuracy" in res else ""
         gain_txt = f", image gain {res['image_gain']:+.4f}" if "image_gain" in res else ""
         self.say(f"eval @ step {self.step}: loss {res['loss']:.4f}{gain_txt}{acc_txt} ({res['seconds']:.1f}s)")
@@ -348,6 +544,10 @@ class Trainer:
     # -- train
     def train(self) -> dict[str, Any]:
         tc = self.cfg.train
+        if self.finished:
+            ckpt, step = self.finished
+            self.say(f"the run finished at step {step} ({ckpt}, eval logged): nothing to do; `geo3k export {self.out_dir}` exports it")
+            return {"steps": step, "last": {}, "eval": None, "checkpoint": str(ckpt), "data_wait_fraction": 0.0}
         w = self.world
         dev = w.device
         self.say(
@@ -360,6 +560,8 @@ class Trainer:
         t_start, start_step = time.perf_counter(), self.step
         last: dict[str, Any] = {}
         data_wait_total, step_time_total = 0.0, 0.0
+        if self.loaded_step and self._eval_due(self.step) and self.step not in self.evals_done and self.step < self.total_steps:
+            self.evaluate()  # the run stopped after saving this step, before its eval was logged
         it = iter(self.loader)
         with TrainingGC(tc.gc_interval) as collector:
             while self.step < self.total_steps:
@@ -418,15 +620,19 @@ class Trainer:
                 if tc.log_interval and (self.step % tc.log_interval == 0 or self.step == self.total_steps):
                     eta = (time.perf_counter() - t_start) / (self.step - start_step) * (self.total_steps - self.step)
                     self.say(MetricsLogger.line(self.step, self.total_steps, last, eta))
-                if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < self.total_steps:
-                    self.evaluate()
+                # the checkpoint first: an eval that fails must not cost the steps since the last one
                 if tc.save_interval and self.step % tc.save_interval == 0 and self.step < self.total_steps:
                     self.say(f"saved {self.save()}")
+                if self._eval_due(self.step) and self.step < self.total_steps:
+                    self.evaluate()
                 collector.step_done(self.step)  # between steps, where a collection stalls nothing
-        ev = self.evaluate()
-        ckpt = self.save() if tc.save_last else self.last_checkpoint
         if tc.save_last:
-            self.say(f"saved {ckpt}")
+            ckpt = self.save()
+            if not self.save_skipped:
+                self.say(f"saved {ckpt}")
+        else:
+            ckpt = self.last_checkpoint
+        ev = self.evaluate() if self.step not in self.evals_done else None
         plot = self.logger.plot_loss()
         if plot:
             self.say(f"loss curve: {plot}")
@@ -440,10 +646,18 @@ class Trainer:
         }
 
 
-def run_training(cfg: PipelineConfig, *, resume: bool = False) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume=resume)
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_interval
+        return bool(self.eval_dir is not None and every and step > 0 and (step % every == 0 or step == self.total_steps))
+
+
+def run_training(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool = False, allow_schedule_change: bool = False) -> dict[str, Any]:
     try:
-        return trainer.train()
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
     finally:
         destroy()
 
@@ -451,7 +665,10 @@ def run_training(cfg: PipelineConfig, *, resume: bool = False) -> dict[str, Any]
 # ---------------------------------------------------------------- export
 
 
-def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16", warn=None) -> Path:
     """A geo3k checkpoint (or a run folder: its latest) -> a transformers model folder with the processor."""
     import yaml
     from transformers import AutoConfig
@@ -460,11 +677,18 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16") -> Path
     from shared.presets import load_processor
     from train.models.convert import export_hf
 
+    torch_dtype = EXPORT_DTYPES.get(dtype)
+    if torch_dtype is None:  # before anything is loaded
+        raise TrainError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
     ckpt = Path(ckpt)
-    if not (ckpt / "trainer_state.json").exists():
-        found = latest_checkpoint(ckpt)
+    if (ckpt / "trainer_state.json").exists() or ckpt.name.startswith("step-"):
+        why = incomplete_reason(ckpt)
+        if why is not None:
+            raise TrainError(f"the checkpoint {ckpt} is {why}: export another one (a run folder exports its newest complete checkpoint)")
+    else:
+        found = latest_checkpoint(ckpt, warn=warn)
         if found is None:
-            raise TrainError(f"{ckpt} is neither a checkpoint (step-*/ with trainer_state.json) nor a run folder with one")
+            raise TrainError(f"{ckpt} is neither a checkpoint (step-*/ with trainer_state.json) nor a run folder with a complete one")
         ckpt = found
     hf_dict = json.loads((ckpt / "hf_config.json").read_text())
     hf_config = AutoConfig.for_model(**hf_dict)
@@ -475,7 +699,6 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16") -> Path
         state = hf_to_megatron(full_model_state(ckpt), hf_config)  # export_hf's input; a lossless renaming
     else:
         state = merged_model_state(ckpt, hf_config)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     export_hf(state, hf_config, out, dtype=torch_dtype)
     cfg = from_dict(PipelineConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
     hf_config.torch_dtype = dtype

@@ -30,8 +30,12 @@ within the epoch). `state_dict()` is the step after the last one this iterator y
 beyond it are rebuilt after a restore, so nothing is repeated or skipped. The samples of a step do not depend
 on dp_size, so a restore may change the number of ranks.
 
-Errors. A record that cannot be read or disagrees with the index stops training (RecordError naming the key):
-skipping it would break the plan and the global loss-token count that every rank already knows.
+Errors. A shard that is missing, truncated or differs from the manifest's sha256, and a record that cannot be
+decoded, fails its checks (reader.py) or disagrees with the index, stop training with one `ShardError` naming
+the shard and how to rebuild it: skipping it would break the plan and the global loss-token count that every
+rank already knows. Missing and truncated shards are found when the loader is built (a stat per shard), before
+step 1; a worker that meets a bad record hands the message back instead of raising, so the trainer raises it
+as it is, not wrapped in a worker traceback.
 
 Throughput. Workers hold no cache: records are positioned reads into the tars (the OS page cache keeps a
 Geo3K-sized shard set in memory for all workers at once), decoding is one zstd decompression per record, and
@@ -54,7 +58,7 @@ from shared.schema import RecordError
 from train.data.batch import PackedBatch, PackingSpec, pack_samples
 from train.data.config import DataConfig
 from train.data.packing import EpochPlan, FlopsModel, check_fits, plan_epoch, steps_per_epoch
-from train.data.reader import SampleTable, TarRecordReader
+from train.data.reader import SampleTable, ShardError, TarRecordReader, check_shard_files, expected_shards, rebuild_hint
 
 
 class LoaderError(UserError, ValueError):
@@ -84,25 +88,38 @@ class GlobalStep:
         return [k for mb in self.micro_batches for k in mb.keys]
 
 
+@dataclass
+class _Failed:
+    """What a worker returns instead of a micro-batch it could not build: the one-line reason."""
+
+    message: str
+
+
 class _MicroBatches(Dataset):
     """Map-style dataset whose 'index' is a work item: (epoch, step, micro-batch, table rows)."""
 
-    def __init__(self, root, keys: list[str], shards: list[str], num_tokens, spec: PackingSpec):
-        self.reader = TarRecordReader(root)
-        self.keys, self.shards, self.num_tokens, self.spec = keys, shards, num_tokens, spec
+    def __init__(self, reader: TarRecordReader, keys: list[str], shards: list[str], num_tokens, num_loss_tokens, spec: PackingSpec):
+        self.reader = reader
+        self.keys, self.shards, self.num_tokens, self.num_loss_tokens, self.spec = keys, shards, num_tokens, num_loss_tokens, spec
 
     def __getitem__(self, item):
         where, rows = item
-        samples = []
-        for r in rows:
-            s = self.reader.read(self.shards[r], self.keys[r])
-            if s.num_tokens != int(self.num_tokens[r]):
-                raise RecordError(
-                    f"{s.key}: the index says {int(self.num_tokens[r])} tokens, the record holds {s.num_tokens}: "
-                    "the shard set is inconsistent; rerun `geo3k preprocess --force`"
-                )
-            samples.append(s)
-        return where, pack_samples(samples, self.spec)
+        try:
+            samples = []
+            for r in rows:
+                s = self.reader.read(self.shards[r], self.keys[r])
+                loss_tokens = int(s.loss_mask.sum())
+                if s.num_tokens != int(self.num_tokens[r]) or loss_tokens != int(self.num_loss_tokens[r]):
+                    raise ShardError(
+                        f"{self.reader.root / self.shards[r]}: record {s.key} holds {s.num_tokens} tokens, {loss_tokens} in "
+                        f"the loss; the index says {int(self.num_tokens[r])} and {int(self.num_loss_tokens[r])}: "
+                        f"{rebuild_hint(self.reader.root)}"
+                    )
+                samples.append(s)
+            return where, pack_samples(samples, self.spec)
+        except (ShardError, RecordError) as e:
+            # raised in a worker, torch would re-raise it wrapped in that worker's traceback
+            return where, _Failed(str(e))
 
     def __len__(self) -> int:  # the sampler decides; this only satisfies Dataset's interface
         raise TypeError("_MicroBatches is indexed by work items, it has no length")
@@ -141,6 +158,14 @@ class PackedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.shard_set = ShardSet(shard_dir)
         self.table = SampleTable.from_shard_set(self.shard_set)
+        if len(self.table) != self.shard_set.num_samples:
+            raise ShardError(
+                f"{self.shard_set.root}: the index has {len(self.table)} samples, the manifest {self.shard_set.num_samples}: "
+                f"{rebuild_hint(self.shard_set.root)}"
+            )
+        if not len(self.table):
+            raise LoaderError(f"{self.shard_set.root} holds no samples (every row was rejected?): see its rejects.jsonl")
+        check_shard_files(self.shard_set, set(self.table.shards))  # a deleted or truncated shard: refused now
         check_fits(self.table, cfg)  # fail before training starts, not in the middle of an epoch
         self.steps_per_epoch = steps_per_epoch(len(self.table), cfg)
         if self.steps_per_epoch == 0:
@@ -211,7 +236,9 @@ class PackedLoader:
     def __iter__(self) -> Iterator[GlobalStep]:
         epoch0, step0 = self._epoch, self._step
         workers = self.cfg.num_workers
-        dataset = _MicroBatches(self.shard_set.root, self.table.keys, self.table.shards, self.table.num_tokens, self.spec)
+        reader = TarRecordReader(self.shard_set.root, expected_shards(self.shard_set), self.shard_set.processor)
+        t = self.table
+        dataset = _MicroBatches(reader, t.keys, t.shards, t.num_tokens, t.num_loss_tokens, self.spec)
         loader = DataLoader(
             dataset,
             sampler=self._work_items(epoch0, step0),
@@ -232,6 +259,8 @@ class PackedLoader:
                     for j in range(sp.num_micro_batches):
                         where, mb = next(it)
                         assert tuple(where) == (epoch, sp.step, j), f"work item {where} out of order, expected {(epoch, sp.step, j)}"
+                        if isinstance(mb, _Failed):
+                            raise ShardError(mb.message)
                         micro_batches.append(mb)
                     # Advance before yielding: a state_dict() taken after this step is consumed points at the next.
                     self._epoch, self._step = (epoch, sp.step + 1) if sp.step + 1 < len(steps) else (epoch + 1, 0)
