@@ -203,11 +203,12 @@ def read_local(path: Path, max_bytes: int, name: str | None = None) -> bytes:
         raise Reject("missing-image", f"{name}: no such file") from None
     except OSError as e:
         raise Reject("unreadable-image", f"{name}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (device, FIFO or socket)"
+        raise Reject("not-a-file", f"{name} is {kind}")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (device, FIFO or socket)"
-            raise Reject("not-a-file", f"{name} is {kind}")
         try:
             data = f.read(max_bytes + 1)
         except OSError as e:

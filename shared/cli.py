@@ -69,8 +69,6 @@ def preprocess(
 
       geo3k preprocess --set model.name_or_path=qwen2.5-vl-3b --set shards.output_dir=/data/shards --force
     """
-    from preprocess.pipeline import run_preprocess
-
     overrides = list(set_ or [])
     if workers is not None:
         overrides.append(f"preprocess.workers={workers}")
@@ -79,6 +77,8 @@ def preprocess(
     if split:
         overrides.append(f"source.splits=[{','.join(split)}]")
     cfg, cfg_dir = _config(config, overrides)
+    from preprocess.pipeline import run_preprocess  # after the config: its errors come before torch's import
+
     summaries = run_preprocess(cfg, config_dir=cfg_dir, force=force, shard_range=shards, progress=not quiet and not json_out)
     if json_out:
         print(json.dumps([{**s.__dict__, "out_dir": str(s.out_dir)} for s in summaries], indent=2))

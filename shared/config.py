@@ -391,7 +391,7 @@ def _read_yaml(p: Path) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        hint = "indent with spaces, not tabs" if "\t" in str(e.problem) or "tab" in str(e.problem) else "fix the YAML syntax there"
+        hint = "indent with spaces, not tabs" if "\\t" in str(e.problem) or "\t" in str(e.problem) else "fix the YAML syntax there"
         raise ConfigError(f"{at}: YAML error: {e.problem}: {hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: YAML error: {' '.join(str(e).split())}") from None
