@@ -1,12 +1,17 @@
-"""Preprocess throughput and bytes per sample: geo3k's shards vs the naive way.
+"""Preprocess throughput and bytes per sample: geo3k's shards vs the naive way, and scaling with workers.
 
     .venv/bin/python bench/bench_preprocess.py --samples 2000 --out /tmp/geo3k-bench
+    .venv/bin/python bench/bench_preprocess.py --samples 4000 --workers 1,2,4,8,16 --shard-size 64   # a 16-core host
 
 The naive way: load the processor, loop over the rows, call `processor.apply_chat_template(..., tokenize=True)`
-per row and save `input_ids` and the float32 `pixel_values` as .npy files. geo3k: `run_preprocess` with 1
-worker and with one worker per core (it also computes the loss mask, checks the pixel round trip, compresses
-and writes tars and the manifest). Both read the same demo parquet with file:// image URLs, so no network
-time is measured. Prints a Markdown table for BENCHMARKS.md.
+per row and save `input_ids` and the float32 `pixel_values` as .npy files. geo3k: `run_preprocess` with each
+worker count of `--workers` (it also computes the loss mask, checks one row in 64 against the full processor,
+compresses and writes tars and the manifest). Both read the same demo parquet with file:// image URLs, so no
+network time is measured; both timings include loading the processor. Prints a Markdown table for
+BENCHMARKS.md: samples/s, and samples/s per worker process ("per core": one process per core).
+
+`--variant naive` or `--variant geo3k` runs one side only (to time each as a whole process from outside);
+`--data DIR` reuses demo data made by an earlier run instead of drawing it again.
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ from shared.config import load_config  # noqa: E402
 from shared.presets import load_processor  # noqa: E402
 
 
-def naive(parquet: Path, out: Path, model: str) -> tuple[float, int, int]:
+def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int, int]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     processor = load_processor(model).processor
-    rows = pq.read_table(parquet).to_pylist()
+    rows = pq.read_table(parquet).slice(0, limit).to_pylist()
     total = 0
     for i, row in enumerate(rows):
         img = to_rgb(Image.open(row["images"][0].removeprefix("file://")))
@@ -54,14 +59,16 @@ def naive(parquet: Path, out: Path, model: str) -> tuple[float, int, int]:
     return time.perf_counter() - t0, len(rows), total
 
 
-def ours(data: Path, out: Path, workers: int, model: str) -> tuple[float, int, int]:
+def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size: int) -> tuple[float, int, int]:
     cfg = load_config(
         None,
         [
             f"shards.output_dir={out}",
+            f"shards.samples_per_shard={shard_size}",
             f"preprocess.workers={workers}",
             "preprocess.fetch.cache_dir=null",
             f"model.name_or_path={model}",
+            f"source.max_rows={limit}",
         ],
     )
     cfg.source.files = {"train": str(data / "train.parquet")}
@@ -75,32 +82,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo3k-bench"))
+    ap.add_argument("--data", type=Path, default=None, help="Demo data folder to reuse (default: drawn into OUT/data).")
     ap.add_argument("--model", default="qwen3-vl-2b")
+    ap.add_argument("--variant", choices=["all", "naive", "geo3k"], default="all")
+    ap.add_argument("--workers", default=None, help="Comma-separated geo3k worker counts (default: 1 and all cores).")
+    ap.add_argument("--shard-size", type=int, default=256, help="shards.samples_per_shard (smaller spreads a split over more workers).")
     args = ap.parse_args()
-    os.environ.setdefault("GEO3K_CACHE", str(args.out / "cache"))
-    shutil.rmtree(args.out, ignore_errors=True)
-    data = args.out / "data"
-    write_demo_data(data, num_train=args.samples, num_test=1, seed=0)
     cores = os.cpu_count() or 1
+    counts = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
+    os.environ.setdefault("GEO3K_CACHE", str(args.out / "cache"))
+    data = args.data or args.out / "data"
+    if not (data / "train.parquet").exists() or pq.read_metadata(data / "train.parquet").num_rows < args.samples:
+        shutil.rmtree(data, ignore_errors=True)
+        write_demo_data(data, num_train=args.samples, num_test=1, seed=0)
+    for name in ("naive", *(f"ours{n}" for n in counts)):
+        shutil.rmtree(args.out / name, ignore_errors=True)
 
     results = {}
-    results["naive (1 process)"] = (*naive(data / "train.parquet", args.out / "naive", args.model), 1)
-    results["geo3k, 1 worker"] = (*ours(data, args.out / "ours1", 1, args.model), 1)
-    results[f"geo3k, {cores} workers"] = (*ours(data, args.out / "oursN", cores, args.model), cores)
+    if args.variant in ("all", "naive"):
+        results["naive (1 process)"] = (*naive(data / "train.parquet", args.out / "naive", args.model, args.samples), 1)
+    if args.variant in ("all", "geo3k"):
+        for n in counts:
+            label = f"geo3k, {n} worker{'s' if n > 1 else ''}"
+            results[label] = (*ours(data, args.out / f"ours{n}", n, args.model, args.samples, args.shard_size), n)
 
-    base_rate = results["naive (1 process)"][1] / results["naive (1 process)"][0]
-    base_bytes = results["naive (1 process)"][2] / results["naive (1 process)"][1]
+    base = results.get("naive (1 process)")
+    base_rate = base[1] / base[0] if base else None
+    base_bytes = base[2] / base[1] if base else None
+    one = next((v for k, v in results.items() if k.startswith("geo3k")), None)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores; model {args.model}; {args.samples} demo samples\n")
-    print("| variant | seconds | samples/s | samples/s per core | vs naive | bytes/sample | bytes vs naive |")
+    print("| variant | seconds | samples/s | samples/s per core | vs naive (per core) | scaling vs first geo3k row | bytes/sample |")
     print("|---|---|---|---|---|---|---|")
     for name, (sec, n, nbytes, procs) in results.items():
         rate = n / sec
-        print(
-            f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {rate / base_rate:.2f}x | "
-            f"{nbytes / n:,.0f} | {base_bytes / (nbytes / n):.0f}x smaller |"
-            if not name.startswith("naive")
-            else f"| {name} | {sec:.1f} | {rate:.1f} | {rate:.1f} | 1.00x | {nbytes / n:,.0f} | 1x |"
-        )
+        vs = f"{rate / procs / base_rate:.2f}x" if base_rate else "-"
+        scale = f"{rate / (one[1] / one[0]):.2f}x" if one and not name.startswith("naive") else "-"
+        print(f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {vs} | {scale} | {nbytes / n:,.0f} |")
+    if base_bytes and one:
+        print(f"\nbytes per sample: naive {base_bytes:,.0f}, geo3k {one[2] / one[1]:,.0f} ({base_bytes / (one[2] / one[1]):.0f}x smaller)")
     (args.out / "results.json").write_text(json.dumps({k: list(v) for k, v in results.items()}, indent=2))
 
 

@@ -130,18 +130,20 @@ def image_patches(images: list[Image.Image], proc: LoadedProcessor) -> tuple[np.
     return np.concatenate(out), np.asarray(grids, dtype=np.int32)
 
 
-def _expand_image_pads(text: str, grid: np.ndarray, proc: LoadedProcessor) -> str:
-    """What the processor does to the text: each image's one pad token becomes one per merged patch."""
-    pad = proc.processor.image_token
-    merge = proc.pixel_spec.merge_size ** 2
-    pieces = text.split(pad)
-    if len(pieces) - 1 != len(grid):
-        raise Reject("template", f"the rendered conversation has {len(pieces) - 1} image pads for {len(grid)} images")
-    out = [pieces[0]]
-    for (t, h, w), rest in zip(grid.tolist(), pieces[1:]):
-        out.append(pad * (t * h * w // merge))
-        out.append(rest)
-    return "".join(out)
+def _tokenize_with_images(text: str, grid: np.ndarray, proc: LoadedProcessor) -> np.ndarray:
+    """The ids the processor gives the rendered text: each image's one pad token repeated once per merged patch.
+
+    The processor repeats the pad in the text and tokenizes that; a special token is matched before the text
+    between them is split into tokens, so repeating its id after tokenizing the short text gives the same ids
+    (the check proves it per sampled row) without making the tokenizer scan hundreds of pads per image."""
+    ids = np.asarray(proc.tokenizer(text)["input_ids"], dtype=np.int64)
+    pad = proc.identity["special_ids"]["image_pad"]
+    where = np.flatnonzero(ids == pad)
+    if len(where) != len(grid):
+        raise Reject("template", f"the rendered conversation has {len(where)} image pads for {len(grid)} images")
+    repeats = np.ones(len(ids), dtype=np.int64)
+    repeats[where] = grid.prod(axis=1) // proc.pixel_spec.merge_size**2
+    return np.repeat(ids, repeats)
 
 
 def _reference(full: str, images: list[Image.Image], proc: LoadedProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,7 +178,7 @@ def encode(
     if not full.startswith(prompt):
         raise Reject("template", "the chat template renders the prompt differently with and without the answer")
     patches, grid = image_patches(images, proc)
-    ids = np.asarray(proc.tokenizer(_expand_image_pads(full, grid, proc))["input_ids"], dtype=np.int64)
+    ids = _tokenize_with_images(full, grid, proc)
     mismatch = None
     if check:
         ref_ids, ref_patches, ref_grid = _reference(full, images, proc)

@@ -156,8 +156,9 @@ class ShardConfig:
     """Root folder; shards go to <output_dir>/<dataset>/<split>/."""
     samples_per_shard: int = 256
     """Source rows per shard (rejected rows leave a shard a little smaller)."""
-    zstd_level: int = 10
-    """zstandard level for the pixel data (1-22); higher is smaller and slower to write, not to read."""
+    zstd_level: int = 3
+    """zstandard level for the pixel data (1-22); higher is smaller and slower to write, not to read. 3: level 10
+    took ~1 ms more per sample (a quarter of the per-sample time) for ~9% fewer pixel bytes."""
 
     def validate(self, path: str = "shards") -> None:
         _check(self.samples_per_shard >= 1, f"{path}.samples_per_shard", "must be at least 1")
