@@ -1,7 +1,7 @@
 """Preprocess throughput and bytes per sample: geo3k's shards vs the naive way, and scaling with workers.
 
     .venv/bin/python bench/bench_preprocess.py --samples 2000 --out /tmp/geo3k-bench
-    .venv/bin/python bench/bench_preprocess.py --samples 4000 --workers 1,2,4,8,16 --shard-size 64   # a 16-core host
+    .venv/bin/python bench/bench_preprocess.py --samples 4000 --naive-samples 1000 --workers 1,2,4,8,16 --shard-size 64   # 16 cores
 
 The naive way: load the processor, loop over the rows, call `processor.apply_chat_template(..., tokenize=True)`
 per row and save `input_ids` and the float32 `pixel_values` as .npy files. geo3k: `run_preprocess` with each
@@ -38,8 +38,9 @@ from shared.config import load_config  # noqa: E402
 from shared.presets import load_processor  # noqa: E402
 
 
-def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int, int]:
+def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int, int, float]:
     out.mkdir(parents=True, exist_ok=True)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     processor = load_processor(model).processor
     rows = pq.read_table(parquet).slice(0, limit).to_pylist()
@@ -56,10 +57,10 @@ def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int,
             path = out / f"{i:08d}.{name}.npy"
             np.save(path, np.asarray(enc[name], dtype=np.float32 if name == "pixel_values" else np.int64))
             total += path.stat().st_size
-    return time.perf_counter() - t0, len(rows), total
+    return time.perf_counter() - t0, len(rows), total, time.process_time() - c0
 
 
-def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size: int) -> tuple[float, int, int]:
+def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size: int) -> tuple[float, int, int, float | None]:
     cfg = load_config(
         None,
         [
@@ -73,9 +74,13 @@ def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size
     )
     cfg.source.files = {"train": str(data / "train.parquet")}
     cfg.source.splits = ["train"]
+    c0 = time.process_time()
     t0 = time.perf_counter()
     (s,) = run_preprocess(cfg, progress=False)
-    return time.perf_counter() - t0, s.written, s.bytes
+    # this process's CPU time covers one worker (run in-line, fetch threads included); workers of a pool
+    # are the fork server's children, not ours, so their CPU time is not seen here
+    cpu = time.process_time() - c0 if workers == 1 else None
+    return time.perf_counter() - t0, s.written, s.bytes, cpu
 
 
 def main() -> None:
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="Demo data folder to reuse (default: drawn into OUT/data).")
     ap.add_argument("--model", default="qwen3-vl-2b")
     ap.add_argument("--variant", choices=["all", "naive", "geo3k"], default="all")
+    ap.add_argument("--naive-samples", type=int, default=None, help="Rows for the naive way (default: --samples); it writes ~4 MB a row.")
     ap.add_argument("--workers", default=None, help="Comma-separated geo3k worker counts (default: 1 and all cores).")
     ap.add_argument("--shard-size", type=int, default=256, help="shards.samples_per_shard (smaller spreads a split over more workers).")
     args = ap.parse_args()
@@ -100,7 +106,8 @@ def main() -> None:
 
     results = {}
     if args.variant in ("all", "naive"):
-        results["naive (1 process)"] = (*naive(data / "train.parquet", args.out / "naive", args.model, args.samples), 1)
+        results["naive (1 process)"] = (*naive(data / "train.parquet", args.out / "naive", args.model, args.naive_samples or args.samples), 1)
+        shutil.rmtree(args.out / "naive", ignore_errors=True)  # ~4 MB a row, only written to be timed
     if args.variant in ("all", "geo3k"):
         for n in counts:
             label = f"geo3k, {n} worker{'s' if n > 1 else ''}"
@@ -108,16 +115,19 @@ def main() -> None:
 
     base = results.get("naive (1 process)")
     base_rate = base[1] / base[0] if base else None
+    base_cpu_rate = base[1] / base[3] if base else None
     base_bytes = base[2] / base[1] if base else None
     one = next((v for k, v in results.items() if k.startswith("geo3k")), None)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores; model {args.model}; {args.samples} demo samples\n")
-    print("| variant | seconds | samples/s | samples/s per core | vs naive (per core) | scaling vs first geo3k row | bytes/sample |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (sec, n, nbytes, procs) in results.items():
+    print("| variant | seconds | samples/s | samples/s per core | vs naive (per core) | samples per CPU-second | vs naive (CPU) | scaling vs first geo3k row | bytes/sample |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (sec, n, nbytes, cpu, procs) in results.items():
         rate = n / sec
         vs = f"{rate / procs / base_rate:.2f}x" if base_rate else "-"
+        cpu_rate = f"{n / cpu:.1f}" if cpu else "-"
+        vs_cpu = f"{n / cpu / base_cpu_rate:.2f}x" if cpu and base_cpu_rate else "-"
         scale = f"{rate / (one[1] / one[0]):.2f}x" if one and not name.startswith("naive") else "-"
-        print(f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {vs} | {scale} | {nbytes / n:,.0f} |")
+        print(f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {vs} | {cpu_rate} | {vs_cpu} | {scale} | {nbytes / n:,.0f} |")
     if base_bytes and one:
         print(f"\nbytes per sample: naive {base_bytes:,.0f}, geo3k {one[2] / one[1]:,.0f} ({base_bytes / (one[2] / one[1]):.0f}x smaller)")
     (args.out / "results.json").write_text(json.dumps({k: list(v) for k, v in results.items()}, indent=2))

@@ -642,6 +642,9 @@ def _preprocess_split(
         _check_images(src, cfg, _recorded_images(out, list(done.values())))
 
         done_now = _run_shards(cfg, src, out, [i for i in wanted if i not in done], progress, split)
+        m = _read_json(out / MANIFEST)
+        if m is not None and m["fingerprint"] == fp:  # a concurrent run completed the split meanwhile
+            return _from_manifest(split, out, m, time.monotonic() - t0, done_now)
         done = _load_parts(parts_dir)  # with what concurrent runs finished meanwhile
         summary = _summarize(split, out, done, time.monotonic() - t0, done_now)
         missing = [i for i in range(num_shards) if i not in done]
@@ -722,6 +725,15 @@ def _map_tasks(cfg: PipelineConfig, tasks: list[ShardTask]) -> Iterator[dict[str
         _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
+
+
+def _from_manifest(split: str, out: Path, m: dict[str, Any], seconds: float, done_now: int) -> SplitSummary:
+    c = m["counts"]
+    return SplitSummary(
+        split, out, "written", rows=c["rows"], written=c["written"], rejected=dict(c["rejected"]), tokens=c["tokens"],
+        image_tokens=c["image_tokens"], loss_tokens=c["loss_tokens"], bytes=c["bytes"], shards=len(m["shards"]),
+        shards_done_now=done_now, seconds=seconds,
+    )
 
 
 def _summarize(split: str, out: Path, parts: dict[int, dict[str, Any]], seconds: float, done_now: int) -> SplitSummary:
