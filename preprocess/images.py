@@ -3,7 +3,8 @@
 Downloads go through httpx2 (the maintained successor of httpx, already installed as huggingface_hub's own
 HTTP client, so it adds no dependency): one client per process keeps a pool of connections per host (reused
 across a shard's downloads), reads proxies from the environment (HTTPS_PROXY, NO_PROXY) and verifies TLS with
-the system's certificates. Each download is bounded by a connect timeout, a read timeout (silence between two
+the system's certificates. HTTP/2 is left off: it needs the optional h2 package, and for small image files
+HTTP/1.1 with kept-alive connections already saves the handshakes. Each download is bounded by a connect timeout, a read timeout (silence between two
 chunks), a wall-clock deadline over the whole body (4 x read_timeout: a server that trickles one byte at a time
 is cut at the deadline, not just between reads) and a byte cap; it is retried with exponential backoff on
 timeouts, connection errors, 429 and 5xx (never on another 4xx: a 404 stays a 404), and cached on disk by URL
@@ -31,8 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
-import httpx2
 from PIL import Image
+
+try:
+    import httpx2
+except ImportError:  # Python 3.10: httpx2 needs 3.11; httpx, its predecessor, has the same API
+    import httpx as httpx2
 
 from shared.config import FetchConfig
 

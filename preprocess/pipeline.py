@@ -46,7 +46,7 @@ from typing import Any, Iterator
 from preprocess.images import FetchedImage, Reject, cache_path, fetch_image, local_path, read_local
 from preprocess.samples import make_sample
 from preprocess.sources import Source, open_source, row_fields
-from preprocess.writer import ShardWriter
+from preprocess.writer import ShardWriter, temp_name
 from shared.config import PipelineConfig, to_dict
 from shared.errors import UserError
 from shared.manifest import INDEX, MANIFEST, REJECTS, atomic_write_bytes, shard_name, write_index
@@ -566,7 +566,7 @@ def _prepare_output(out: Path, num_rows: int) -> None:
     """Make the split folder and prove that it can be written and has room, before anything expensive."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe.{socket.gethostname()}.{os.getpid()}.tmp"
+        probe = out / temp_name("write-probe")
         probe.write_bytes(b"geo3k")
         probe.unlink()
     except OSError as e:

@@ -13,6 +13,7 @@ import io
 import os
 import socket
 import tarfile
+import threading
 from pathlib import Path
 
 from shared.schema import Sample, encode_sample
@@ -31,7 +32,7 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 def temp_name(name: str) -> str:
     """A hidden name private to this process: concurrent runs over one folder (several machines, two
     ranges) never write the same temporary file, and a later run can tell whose a leftover is."""
-    return f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    return f".{name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
 class ShardWriter:

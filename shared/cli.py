@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -78,6 +79,9 @@ def preprocess(
         overrides.append(f"source.splits=[{','.join(split)}]")
     cfg, cfg_dir = _config(config, overrides)
     from preprocess.pipeline import run_preprocess  # after the config: its errors come before torch's import
+
+    # SIGTERM as an exception: the run then stops and reaps its workers on the way out, as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     summaries = run_preprocess(cfg, config_dir=cfg_dir, force=force, shard_range=shards, progress=not quiet and not json_out)
     if json_out:
