@@ -26,7 +26,7 @@ from preprocess.images import Reject, fetch_image, read_local
 from preprocess.pipeline import PreprocessError, run_preprocess
 from preprocess.samples import answer_text
 from shared.config import ConfigError, FetchConfig, load_config
-from shared.manifest import ShardSet, sha256_file
+from shared.manifest import ShardSet
 from tests.conftest import REPO, SAMPLE_DIR, make_config
 from tests.fault_server import FaultServer
 from tests.test_preprocess import assert_record_exact, read_records, shard_hashes
