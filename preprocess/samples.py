@@ -2,8 +2,9 @@
 
 The conversation is a user turn with each image where the problem text has an `<image>` placeholder and an
 assistant turn with the answer (through `preprocess.response_template`). The chat template renders it;
-the images go through the processor's own resize and patch layout on uint8 (`image_patches`) and the
-rendered text, its image pads expanded, through the tokenizer, so `input_ids` are exactly what
+the images go through the processor's own resize, and their uint8 patches are laid out in its order
+(`image_patches`); the rendered text goes through the tokenizer, each image's pad id then repeated once per
+merged patch (`_tokenize_with_images`), so `input_ids` are exactly what
 `processor.apply_chat_template(messages, tokenize=True)` gives; `encode(check=True)` proves it per row against
 the full processor (the pipeline checks a fixed sample of rows, or every row with `--verify`).
 
