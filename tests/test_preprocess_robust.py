@@ -155,6 +155,17 @@ def test_downloads_reuse_one_connection_per_host(demo_data):
         assert srv.connections == 1 and sum(srv.hits.values()) == 5
 
 
+def test_downloads_use_the_proxy_named_in_the_environment(tmp_path, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with FaultServer(tmp_path) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        cfg = FetchConfig(cache_dir=None, read_timeout=7.25)  # another client: the environment is read when one is made
+        with pytest.raises(Reject) as e:
+            fetch_image("http://images.example.invalid/a.png", cfg)
+    assert e.value.reason == "http-4xx" and proxy.hits["http://images.example.invalid/a.png"] == 1
+
+
 # ---------------------------------------------------------------- concurrent and killed runs
 
 
