@@ -571,8 +571,9 @@ def _os_error(e: OSError, out: Path) -> PreprocessError:
     return PreprocessError(f"{where}: {e.strerror or e}")
 
 
-def _prepare_output(out: Path, num_rows: int) -> None:
-    """Make the split folder and prove that it can be written and has room, before anything expensive."""
+def _prepare_output(out: Path, num_rows: int, force: bool) -> None:
+    """Make the split folder and prove that it can be written and has room, before anything expensive (a
+    finished folder that is only checked for being up to date needs no room)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / temp_name("write-probe")
@@ -580,6 +581,8 @@ def _prepare_output(out: Path, num_rows: int) -> None:
         probe.unlink()
     except OSError as e:
         raise _os_error(e, out) from None
+    if (out / MANIFEST).exists() and not force:
+        return
     free = shutil.disk_usage(out).free
     need = MIN_FREE_BYTES + num_rows * BYTES_PER_ROW_ESTIMATE
     if free < need:
@@ -629,7 +632,7 @@ def _preprocess_split(
     per = cfg.shards.samples_per_shard
     num_shards = max(1, math.ceil(src.num_rows / per))
     wanted = parse_shard_range(shard_range, num_shards)  # a bad range is refused before the processor loads
-    _prepare_output(out, src.num_rows)
+    _prepare_output(out, src.num_rows, force)
     proc = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
     inputs = fingerprint_inputs(cfg, src, proc.identity)
     fp = fingerprint_of(inputs)
