@@ -2,8 +2,8 @@
 
 Every tar header field that could vary between runs or machines is fixed (mtime 0, uid/gid 0, no user
 names, mode 0644, POSIX ustar), and members are written in schema order, so the same samples always give
-the same bytes. The tar is written under a hidden temporary name and renamed when complete: a reader (or a
-resumed run) never sees a partial shard.
+the same bytes. The tar is written under a hidden temporary name of its own process (`temp_name`) and renamed
+when complete: a reader (or a resumed run) never sees a partial shard.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import tarfile
+import threading
 from pathlib import Path
 
 from shared.schema import Sample, encode_sample
@@ -27,10 +29,16 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
+def temp_name(name: str) -> str:
+    """A hidden name private to this process: concurrent runs over one folder (several machines, two
+    ranges) never write the same temporary file, and a later run can tell whose a leftover is."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
 class ShardWriter:
     def __init__(self, path: Path, zstd_level: int):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = path.with_name(temp_name(path.name))
         self.zstd_level = zstd_level
         self._f = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,6 +52,9 @@ def preprocess(
         Optional[str], typer.Option("--shards", help="Only shard indices START:STOP of each split (split a job across machines).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if shards with other inputs exist.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Compare every row with the full processor (default: one row in 64).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -62,16 +66,23 @@ def preprocess(
 
       geo3k preprocess -c demo_data/pipeline.yaml --workers 2
 
+      geo3k preprocess --shards 0:4    # on one machine; --shards 4:8 on another, same folder
+
       geo3k preprocess --set model.name_or_path=qwen2.5-vl-3b --set shards.output_dir=/data/shards --force
     """
-    from preprocess.pipeline import run_preprocess
-
     overrides = list(set_ or [])
     if workers is not None:
         overrides.append(f"preprocess.workers={workers}")
+    if verify:
+        overrides.append("preprocess.verify=true")
     if split:
         overrides.append(f"source.splits=[{','.join(split)}]")
     cfg, cfg_dir = _config(config, overrides)
+    from preprocess.pipeline import run_preprocess  # after the config: its errors come before torch's import
+
+    # SIGTERM as an exception: the run then stops and reaps its workers on the way out, as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
     summaries = run_preprocess(cfg, config_dir=cfg_dir, force=force, shard_range=shards, progress=not quiet and not json_out)
     if json_out:
         print(json.dumps([{**s.__dict__, "out_dir": str(s.out_dir)} for s in summaries], indent=2))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ INDEX_SCHEMA = pa.schema(
         ("num_patches", pa.int32()),
         ("num_loss_tokens", pa.int32()),
         ("num_images", pa.int16()),
+        # sha256 of each image file as read: a rerun compares local and cached images against it
+        ("image_sha256", pa.list_(pa.string())),
     ]
 )
 
@@ -61,12 +65,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write under a temporary name, flush to disk, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # the temporary name is private to this process and thread: two writers of one file never share it
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_index(path: Path, rows: list[dict[str, Any]]) -> None:

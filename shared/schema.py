@@ -11,7 +11,8 @@ A record is a group of tar members sharing a key (WebDataset convention, `<key>.
 Why uint8 patches: the processor's float32 `pixel_values` ([N, C*Tp*P*P]) hold each image frame Tp=2 times
 and 4 bytes a value, but they are an affine function of the resized uint8 image. Storing the uint8 patch
 rows once and normalising at load time (`normalize_patches`) reproduces them to within 1e-6 in an eighth of
-the bytes before compression. The writer checks that round trip on every sample.
+the bytes before compression. The writer lays out the uint8 patches directly (never through float32) and
+compares them with the processor's values on a fixed sample of rows (every row with `geo3k preprocess --verify`).
 
 The `.npy` members are plain NumPy files (no pickle: `allow_pickle=False` everywhere), so `tar` lists the
 shards and `webdataset.WebDataset(...).decode()` reads them; only the `.zst` member needs zstandard.

@@ -9,6 +9,9 @@
     /notimage.png       an HTML page served as image/png
     /big.png            more bytes than the test's max_bytes
     /huge.png           a small file that decodes to a huge image
+    /trickle.png        headers, then one byte every `trickle_seconds` (never silent for a whole read timeout)
+
+Connections are HTTP/1.1 keep-alive; `connections` counts the TCP connections accepted (reuse shows as 1).
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ def _png(img: Image.Image) -> bytes:
 
 
 class FaultServer:
-    def __init__(self, root: Path, big_bytes: int = 300_000, huge_side: int = 6000, stall_seconds: float = 5.0):
+    def __init__(
+        self, root: Path, big_bytes: int = 300_000, huge_side: int = 6000, stall_seconds: float = 5.0, trickle_seconds: float = 0.1
+    ):
         self.root = root
         self.hits: Counter[str] = Counter()
+        self.connections = 0
+        self.trickle_seconds = trickle_seconds
         sample = _png(Image.new("RGB", (300, 200), "white"))
         self.truncated = sample[: len(sample) // 2]
         self.big = _png(Image.effect_noise((400, 400), 80).convert("RGB"))[:big_bytes].ljust(big_bytes, b"\0")
@@ -43,6 +50,12 @@ class FaultServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, so that a client's connection reuse can be seen
+
+            def setup(self):
+                server.connections += 1
+                super().setup()
+
             def log_message(self, *args):  # keep test output quiet
                 pass
 
@@ -72,6 +85,20 @@ class FaultServer:
                     self.wfile.write(b"\x89PNG")
                     self.wfile.flush()
                     time.sleep(server.stall_seconds)
+                    self.close_connection = True
+                    return None
+                if path == "/trickle.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    try:
+                        for _ in range(100_000):
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                            time.sleep(server.trickle_seconds)
+                    except OSError:  # the client hung up: what the test wants
+                        pass
+                    self.close_connection = True
                     return None
                 if path == "/reset.png":
                     self.send_response(200)
@@ -82,6 +109,7 @@ class FaultServer:
                     # SO_LINGER with a zero timeout turns close() into a TCP RST
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
+                    self.close_connection = True
                     return None
                 if path == "/truncated.png":
                     return self._send(200, server.truncated)

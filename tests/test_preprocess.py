@@ -119,7 +119,8 @@ def test_real_geo3k_problems_are_token_exact(preset):
     for line in (SAMPLE_DIR / "problems.jsonl").read_text().splitlines():
         row = json.loads(line)
         img = to_rgb(Image.open(SAMPLE_DIR / "images" / row["image"]))
-        s = make_sample("k", 0, row["problem"], row["answer"], [img], [{}], proc, PreprocessConfig())
+        s, enc = make_sample("k", 0, row["problem"], row["answer"], [img], [{}], proc, PreprocessConfig(), check=True)
+        assert enc.checked and enc.mismatch is None  # the fast path equals the full processor on this row
         members = encode_sample(s)
         back = decode_sample("k", members)
         rec = {
