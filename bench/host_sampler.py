@@ -22,8 +22,10 @@ from pathlib import Path
 
 # Functions a thread sits in while it waits (the main thread waits in _engine_run_backward while the autograd
 # engine's device thread runs the backward, sampled on its own; Inductor's compile-worker pool keeps a timer thread
-# and a pipe reader that wait there after warm-up: any frame of torch/_inductor/compile_worker counts as waiting).
-_IDLE = ("wait", "get", "sleep", "select", "poll", "accept", "recv", "_recv_bytes", "_poll", "acquire", "_engine_run_backward")
+# and a pipe reader that wait there after warm-up: any frame of torch/_inductor/compile_worker counts as waiting;
+# a blocking socket read, e.g. a test runner's channel to its controller, sits in readinto).
+_IDLE = ("wait", "get", "sleep", "select", "poll", "accept", "recv", "recv_into", "readinto", "_recv_bytes", "_poll", "acquire",
+         "_engine_run_backward")
 
 
 def _label(code) -> str:
@@ -40,11 +42,14 @@ class HostSampler:
         self.inclusive: Counter[str] = Counter()
         self.exclusive: Counter[str] = Counter()
         self.samples = 0
+        """Thread samples taken (each round samples every thread that is not waiting)."""
+        self.rounds = 0
         self._stop = threading.Event()
 
     def _run(self) -> None:
         me = threading.get_ident()
         while not self._stop.wait(self.interval_s):
+            self.rounds += 1
             for tid, frame in sys._current_frames().items():
                 if tid == me or frame.f_code.co_name in _IDLE or "compile_worker" in frame.f_code.co_filename:
                     continue

@@ -193,3 +193,13 @@ def one_sample_eval(demo_data, tmp_path_factory) -> Path:
     cfg = make_config(out, {"test": str(demo_data / "test.parquet")}, **{"source.max_rows": "1"})
     run_preprocess(cfg, progress=False)
     return out / "geo3k" / "test"
+
+
+# The slowest files first: the two workers of scripts/test.sh take whole files in this order, so a long file
+# started last would run alone at the end.
+_SLOW_FIRST = ("test_train_moe.py", "test_parallel_layouts.py", "test_train_fsdp.py", "test_durability.py", "test_train_e2e.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

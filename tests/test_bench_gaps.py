@@ -71,8 +71,10 @@ def test_host_sampler_finds_the_busy_function_and_skips_waiting_threads():
     with HostSampler(interval_s=0.002) as s:
         busy_python_loop(0.3)
     stop.set()
-    assert s.samples > 5
-    top, share = s.exclusive.most_common(1)[0]
-    assert top.endswith(":busy_python_loop") and share / s.samples > 0.8
+    assert s.rounds > 5
+    # the main thread is in the loop in (nearly) every round (a test runner may keep a thread of its own in a
+    # read beside it, so the share is of rounds, not of all samples)
+    busy = next(k for k in s.exclusive if k.endswith(":busy_python_loop"))
+    assert s.exclusive[busy] / s.rounds > 0.8
     assert not any(k.endswith(":wait") for k in s.exclusive)
     assert "busy_python_loop" in s.report()

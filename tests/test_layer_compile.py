@@ -103,7 +103,7 @@ def _step(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe"])  # the MoE one has a dense layer too
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe"])  # the MoE one has dense layers too
 def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
     from torch._dynamo.utils import counters
 
