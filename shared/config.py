@@ -235,8 +235,9 @@ class TrainConfig:
     a 2B model's is ~30 GB with Adam."""
     eval_interval: int = 100
     """Evaluate every N steps and at the end, after that step's checkpoint; 0 turns eval off (no eval shards needed)."""
-    eval_samples: int = 64
-    """Test problems answered by greedy generation for the accuracy metric (0: loss only)."""
+    eval_samples: int | str = 64
+    """Test problems answered by greedy generation for the accuracy metric: a count (0: loss only) or "all"
+    (the whole test split)."""
     eval_max_new_tokens: int = 64
     eval_image_gain: bool = True
     """Also the eval loss with every image blanked, logged as image_gain = blank loss - loss (one more forward
@@ -266,8 +267,12 @@ class TrainConfig:
         )
         _check(self.clip_grad >= 0, f"{path}.clip_grad", "must be >= 0 (0 disables clipping)")
         _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
-        for name in ("save_interval", "keep_checkpoints", "eval_interval", "eval_samples", "log_interval"):
+        for name in ("save_interval", "keep_checkpoints", "eval_interval", "log_interval"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        _check(
+            self.eval_samples == "all" or (type(self.eval_samples) is int and self.eval_samples >= 0),
+            f"{path}.eval_samples", f"must be a count >= 0 or all, got {self.eval_samples!r}",
+        )
         return self
 
 

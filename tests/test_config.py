@@ -16,6 +16,8 @@ def test_overrides_are_typed():
     cfg = load_config(None, ["preprocess.workers=3", "source.splits=[train]", "model.max_pixels=1000000", "preprocess.fetch.cache_dir=null"])
     assert cfg.preprocess.workers == 3 and cfg.source.splits == ["train"]
     assert cfg.model.max_pixels == 1_000_000 and cfg.preprocess.fetch.cache_dir is None
+    assert load_config(None, ["train.eval_samples=all"]).train.eval_samples == "all"
+    assert load_config(None, ["train.eval_samples=8"]).train.eval_samples == 8
 
 
 @pytest.mark.parametrize(
@@ -28,6 +30,8 @@ def test_overrides_are_typed():
         ("preprocess.fetch.retries=-2", "preprocess.fetch.retries"),
         ("source.input_kee=problem", "input_kee"),
         ("model.min_pixels=100", None),
+        ("train.eval_samples=some", "train.eval_samples"),
+        ("train.eval_samples=-1", "train.eval_samples"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

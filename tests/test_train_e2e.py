@@ -29,7 +29,7 @@ def train_args(demo_shards: Path, out: Path, *extra: str) -> list[str]:
         "--set", f"train.output_dir={out}",
         "--set", "train.global_batch_size=4",
         "--set", f"train.train_iters={STEPS}",
-        "--set", "train.eval_samples=2",
+        "--set", "train.eval_samples=all",
         *extra,
     ]
 
@@ -46,6 +46,15 @@ def test_loss_goes_down_and_checkpoints_are_written(full_run):
     assert_trained_run(full_run, STEPS)
     assert (full_run / "checkpoints" / "latest").read_text() == "step-0000020"
     assert (full_run / "loss.png").stat().st_size > 1000
+
+
+def test_eval_samples_all_answers_the_whole_test_split(full_run, demo_shards):
+    import json
+
+    from shared.manifest import ShardSet
+
+    evals = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["answered"] for e in evals] == [ShardSet(demo_shards / "test").num_samples] * 2
 
 
 def test_resume_continues_exactly(full_run, demo_shards, tmp_path):

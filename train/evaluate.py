@@ -145,11 +145,12 @@ def _decode_steps(prompts: list[Sample], out: list[list[int]], spec: PackingSpec
             live = [i for i in live if out[i][-1] != stop_id and len(out[i]) < max_new_tokens]
 
 
-def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int, max_new_tokens: int, budget: int, tokenizer, stop_id: int, pixel_dtype) -> dict[str, Any]:
+def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int | None, max_new_tokens: int, budget: int, tokenizer, stop_id: int, pixel_dtype) -> dict[str, Any]:
+    """Greedy answers to the first num_samples test problems (None: all of them), scored against the gold answers."""
     ss = ShardSet(shard_dir)
     samples = []
     for i, s in enumerate(ss.iter_samples()):
-        if i >= num_samples:
+        if num_samples is not None and i >= num_samples:
             break
         if i % world.dp == world.dp_rank:
             samples.append(s)

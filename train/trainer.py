@@ -531,7 +531,7 @@ class Trainer:
                 spec = PackingSpec.from_processor_identity(ss.processor, self.data_cfg.pad_to_multiple_of)
                 acc = eval_accuracy(
                     self.engine, self.eval_dir, spec, self.world,
-                    num_samples=tc.eval_samples, max_new_tokens=tc.eval_max_new_tokens,
+                    num_samples=None if tc.eval_samples == "all" else tc.eval_samples, max_new_tokens=tc.eval_max_new_tokens,
                     budget=tc.max_tokens_per_gpu, tokenizer=tokenizer,
                     stop_id=ss.processor["special_ids"]["im_end"], pixel_dtype=self.pixel_dtype,
                 )
