@@ -128,5 +128,5 @@ load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
   *) echo "unknown part $part (resume, moe, dense, twogpu)"; exit 2 ;;
   esac
 done
-# the logs as one archive (what comes back from the machine is limited in file count)
+# the logs as one archive, one file to copy off the machine
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)
