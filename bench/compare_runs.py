@@ -24,25 +24,19 @@ def load(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in recs if r["kind"] == "train"}
 
 
-def _weights(folder: str) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update({k: v.double() for k, v in load_file(str(f)).items()})
-    return out
-
-
 def compare_exports(init: str, ref: str, others: list[str]) -> None:
     """Per export, the worst relative L2 difference from REF of a tensor and of a tensor's update (trained -
-    INIT): Adam turns rounding into update differences first, so the update column is the stricter one."""
-    w0, wr = _weights(init), _weights(ref)
+    INIT), in float64 (the exports may be bf16)."""
+    from train.models.convert import max_relative_differences, read_safetensors_dir
+
+    def weights(folder: str) -> dict:
+        return {k: v.double() for k, v in read_safetensors_dir(folder).items()}
+
+    w0, wr = weights(init), weights(ref)
     print(f"| export vs {ref} | worst tensor | worst update |\n|---|---|---|")
     for o in others:
-        wo = _weights(o)
-        t = max((((wo[k] - wr[k]).norm() / wr[k].norm()).item(), k) for k in wr)
-        u = max(((((wo[k] - w0[k]) - (wr[k] - w0[k])).norm() / (wr[k] - w0[k]).norm().clamp_min(1e-30)).item(), k) for k in wr)
-        print(f"| {o} | {t[0]:.2e} ({t[1]}) | {u[0]:.2e} ({u[1]}) |")
+        (t, tk), (u, uk) = max_relative_differences(weights(o), wr, w0)
+        print(f"| {o} | {t:.2e} ({tk}) | {u:.2e} ({uk}) |")
 
 
 def main() -> None:

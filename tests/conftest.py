@@ -57,14 +57,6 @@ def resume_from(run: Path, step: int, into: Path) -> None:
     (into / "checkpoints" / "latest").write_text(name)
 
 
-def max_relative_differences(got: dict, ref: dict, init: dict) -> tuple[tuple[float, str], tuple[float, str]]:
-    """((worst relative L2 difference of a tensor, its name), (the same for a tensor's update trained - init))."""
-    assert set(got) == set(ref) == set(init)
-    tensor = max((((got[k] - ref[k]).norm() / ref[k].norm()).item(), k) for k in ref)
-    update = max(((((got[k] - init[k]) - (ref[k] - init[k])).norm() / (ref[k] - init[k]).norm().clamp_min(1e-30)).item(), k) for k in ref)
-    return tensor, update
-
-
 def train_losses(run: Path) -> dict[int, float]:
     """step -> training loss, from a run folder's metrics.jsonl."""
     import json

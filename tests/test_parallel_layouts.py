@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, from_checkpoint_args, geo3k, max_relative_differences, resume_from
+from tests.conftest import REPO, from_checkpoint_args, geo3k, resume_from
 from tests.conftest import train_losses as losses
+from train.models.convert import max_relative_differences
 
 STEPS = 4
 LAYOUTS = {

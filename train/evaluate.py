@@ -64,9 +64,7 @@ def blank_images(mb):
     """The micro-batch with every image's pixels at the processor's mean colour (normalised: 0), same grids."""
     if not mb.num_patches:
         return mb
-    out = replace(mb, keys=list(mb.keys))
-    out._pixel_values = torch.zeros_like(mb.pixel_values)
-    return out
+    return replace(mb, keys=list(mb.keys), _pixel_values=torch.zeros_like(mb.pixel_values))
 
 
 def _dp_group():

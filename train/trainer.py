@@ -184,6 +184,11 @@ SCHEDULE_FIELDS = ("train_iters", "epochs", "lr", "min_lr", "warmup_fraction", "
 changes the run mid-way, so it is refused unless asked for (--allow-schedule-change)."""
 
 
+def run_steps(tc, loader_steps: int) -> int:
+    """The steps a run trains: all of the loader's epochs, cut at train.train_iters."""
+    return loader_steps if tc.train_iters is None else min(tc.train_iters, loader_steps)
+
+
 def check_shard_sets(cfg: PipelineConfig, hf_config, data_cfg: DataConfig) -> tuple[ShardSet, Path | None]:
     """The train and (when eval is on) eval shard sets, refused now rather than at step N: missing, made for another
     model, inconsistent with their manifests, empty, a sample over the token budget; the eval set's shards are
@@ -316,8 +321,7 @@ class Trainer:
             history = read_history(self.out_dir / "metrics.jsonl")  # a damaged file is refused before the model is built
             self.evals_done = {r["step"] for r in history if r["kind"] == "eval" and r["step"] <= int(state["step"])}
             self.run_id = state.get("run_id") or run_id_of(self.out_dir) or new_run_id()
-            per_epoch = steps_per_epoch(shard_set.num_samples, self.data_cfg)
-            total = per_epoch * tc.epochs if tc.train_iters is None else min(tc.train_iters, per_epoch * tc.epochs)
+            total = run_steps(tc, steps_per_epoch(shard_set.num_samples, self.data_cfg) * tc.epochs)
             step = int(state["step"])
             if step >= total and (self.eval_dir is None or step in self.evals_done):
                 # a finished run: its last checkpoint and eval exist, so nothing is built (or rewritten)
@@ -358,7 +362,7 @@ class Trainer:
         self.engine = Engine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
         self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
         self.loader = build_loader(self.train_dir, self.data_cfg, self.world.dp_rank, self.world.dp)
-        self.total_steps = self.loader.total_steps if tc.train_iters is None else min(tc.train_iters, self.loader.total_steps)
+        self.total_steps = run_steps(tc, self.loader.total_steps)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.loaded_step: int | None = None

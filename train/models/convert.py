@@ -355,6 +355,17 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def max_relative_differences(got: dict, ref: dict, init: dict) -> tuple[tuple[float, str], tuple[float, str]]:
+    """Two trainings of one start checkpoint `init`, compared tensor by tensor: ((worst relative L2 difference of
+    a tensor, its name), (the same for a tensor's update, trained - init)). Adam turns rounding into update
+    differences first, so the update figure is the stricter one."""
+    if not set(got) == set(ref) == set(init):
+        raise ValueError(f"the state dicts hold different tensors: {sorted(set(got) ^ set(ref) | set(ref) ^ set(init))[:5]}")
+    tensor = max((((got[k] - ref[k]).norm() / ref[k].norm()).item(), k) for k in ref)
+    update = max(((((got[k] - init[k]) - (ref[k] - init[k])).norm() / (ref[k] - init[k]).norm().clamp_min(1e-30)).item(), k) for k in ref)
+    return tensor, update
+
+
 def shard_for_rank(full: dict[str, torch.Tensor], hf_config, *, tp_rank: int, tp_size: int, ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
     """The full Megatron state dict -> the part of tensor-parallel rank tp_rank and expert-parallel rank ep_rank."""
     shard = split_tensor_parallel(full, tp_size, hf_config)[tp_rank] if tp_size > 1 else dict(full)
