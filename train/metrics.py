@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
+from train.checkpoints import atomic_write_text
 
 
 class MetricsError(UserError, ValueError):
@@ -68,9 +69,7 @@ class MetricsLogger:
         if resume:
             self.history = [r for r in read_history(path) if r["step"] <= resume_step]
             # rewritten whole, then renamed: a kill now leaves the old file or the cut one, never a mix
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.jsonl = open(path, "a" if resume else "w", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
