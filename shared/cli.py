@@ -219,10 +219,11 @@ def train(
         overrides.append(f"train.backend={backend}")
     cfg, _ = _config(config, overrides)
     if "RANK" not in os.environ:
-        from train.models import load_hf_config
+        from train.models.source import resolve_source
         from train.trainer import check_layout
 
-        hf_config = load_hf_config(cfg.model.name_or_path)
+        # the config the model will be built from: a checkpoint's own when weights are loaded
+        hf_config = resolve_source(cfg.model.name_or_path, pretrained=not cfg.train.random_init).hf_config
         check_layout(cfg.train, hf_config, nproc)  # before any process starts
         if plan:
             from train.trainer import memory_plan

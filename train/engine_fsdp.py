@@ -76,7 +76,7 @@ def _model_kwargs(hf_config, cuda: bool) -> dict[str, Any]:
     return kwargs
 
 
-def build_hf_model(hf_config, init_from: str | None, seed: int, *, materialize: bool = True, cuda: bool = False) -> torch.nn.Module:
+def build_hf_model(hf_config, init_from, seed: int, *, materialize: bool = True, cuda: bool = False) -> torch.nn.Module:
     """The transformers model in fp32: random (seeded) or from a checkpoint, on the CPU; with materialize=False
     only its structure, on the meta device (no memory), to be sharded and filled from rank 0."""
     import copy
@@ -94,9 +94,11 @@ def build_hf_model(hf_config, init_from: str | None, seed: int, *, materialize: 
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(hf_config, **kwargs)
     else:
-        from train.models.convert import resolve_checkpoint_dir
-
-        model = AutoModelForImageTextToText.from_pretrained(str(resolve_checkpoint_dir(init_from)), config=hf_config, **kwargs)
+        if init_from.is_geo3k_checkpoint:
+            raise FSDPConfigError(
+                f"train.backend=fsdp starts from transformers folders and hub ids; export {init_from.weights} first "
+                "(geo3k export) and set model.name_or_path to the export")
+        model = AutoModelForImageTextToText.from_pretrained(str(init_from.weights), config=hf_config, **kwargs)
     use_varlen_attention(model)
     if kwargs.get("experts_implementation") and getattr(model.config, "_experts_implementation", None) != "grouped_mm":
         import transformers
@@ -235,7 +237,7 @@ def packed_forward(
 class FSDPEngine:
     name = "fsdp"
 
-    def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from: str | None):
+    def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

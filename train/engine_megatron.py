@@ -150,7 +150,8 @@ class _TorchOptimizer:
 class MegatronEngine:
     name = "megatron"
 
-    def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from: str | None):
+    def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from=None):
+        """init_from: a train.models.source.ModelSource with weights, or None for random init."""
         from megatron.core import parallel_state
 
         from train.models.qwen_vl import build_model
@@ -191,9 +192,12 @@ class MegatronEngine:
             overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=hf_config.text_config.router_aux_loss_coef)
         model = build_model(hf_config, grouped_experts=cfg.moe_grouped_gemm, **overrides)
         if init_from is not None:
-            from train.models.convert import load_hf_checkpoint
+            from train.models.convert import load_megatron_state, shard_for_rank
+            from train.models.source import full_megatron_state
 
-            load_hf_checkpoint(model, init_from, tp_rank=world.tp_rank, tp_size=world.tp, ep_rank=world.ep_rank, ep_size=world.ep)
+            full = full_megatron_state(init_from)
+            load_megatron_state(model, shard_for_rank(full, hf_config, tp_rank=world.tp_rank, tp_size=world.tp, ep_rank=world.ep_rank, ep_size=world.ep))
+            del full
         self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
         # Whole-layer compile (train/models/layer_compile.py) where it was measured: one model replica per GPU
         # (tensor-parallel collectives and recomputation's checkpoint function untested compiled).

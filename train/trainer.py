@@ -258,30 +258,24 @@ def latest_checkpoint(out_dir: Path, warn=None) -> Path | None:
     return ckpt
 
 
-def _weights_source(cfg: PipelineConfig) -> str | None:
-    if cfg.train.random_init:
-        return None
-    from shared.presets import HUB_IDS, resolve_preset
-
-    name = cfg.model.name_or_path
-    if Path(name).is_dir():
-        return name
-    preset = resolve_preset(name)
-    return HUB_IDS.get(preset, name) if preset else name
-
-
 # ---------------------------------------------------------------- the loop
 
 
 class Trainer:
     def __init__(self, cfg: PipelineConfig, *, resume: bool = False, overwrite: bool = False, allow_schedule_change: bool = False):
-        from train.models import load_hf_config
+        from train.models.source import resolve_source
 
         self.cfg = cfg
         tc = cfg.train
         self.out_dir = Path(tc.output_dir)
         self.is_rank0 = int(os.environ.get("RANK", 0)) == 0
-        self.hf_config = load_hf_config(cfg.model.name_or_path)
+        # pretrained weights bring their own config.json, which the model is built from (train/models/source.py)
+        self.source = resolve_source(cfg.model.name_or_path, pretrained=not tc.random_init)
+        self.hf_config = self.source.hf_config
+        if self.source.differences:
+            diffs = self.source.differences
+            self.say(f"model config from {self.source.weights}/config.json; it differs from the preset {self.source.preset} in "
+                     f"{len(diffs)} setting(s), the checkpoint's values are used (preset -> checkpoint):\n  " + "\n  ".join(diffs))
         check_layout(tc, self.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
         # one process per folder: the lock is held until this process ends (or close())
         self.lock = RunLock(self.out_dir) if self.is_rank0 else None
@@ -359,7 +353,7 @@ class Trainer:
             from train.engine_fsdp import FSDPEngine as Engine
         else:
             Engine = MegatronEngine
-        self.engine = Engine(self.hf_config, tc, self.world, init_from=_weights_source(cfg))
+        self.engine = Engine(self.hf_config, tc, self.world, init_from=self.source if self.source.weights is not None else None)
         self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
         self.loader = build_loader(self.train_dir, self.data_cfg, self.world.dp_rank, self.world.dp)
         self.total_steps = run_steps(tc, self.loader.total_steps)

@@ -3,22 +3,16 @@
 Importing `train.models` itself is cheap (no Megatron import); the submodules that need Megatron-Core
 (`qwen_vl`, `convert` loaders) import it when used.
 
-`ARCHITECTURES` is the registry of supported transformers model types; presets (the original recipe's
-models, by name) live in shared/presets/<name>/config.json.
+Presets (the original recipe's models, by name) live in shared/presets/<name>/config.json; where a model's
+config and weights come from is train/models/source.py.
 """
 
 from __future__ import annotations
 
-# transformers model_type -> what it is built from. A plain dict on purpose: one place to look.
-ARCHITECTURES = {
-    "qwen2_5_vl": "Qwen2.5-VL: QKV bias, contiguous M-RoPE, window-attention ViT",
-    "qwen3_vl": "Qwen3-VL dense: QK-norm, interleaved M-RoPE, deepstack",
-    "qwen3_vl_moe": "Qwen3-VL MoE: as qwen3_vl, MLPs through Megatron-Core's MoE layers",
-}
-
 
 def load_hf_config(name_or_path: str):
-    """A transformers config from a checkpoint directory, a preset name or a hub id."""
+    """A transformers config from a checkpoint directory, a preset name or a hub id (a preset's transcribed config
+    for the hub ids presets stand for: random init; weights bring their own config, see source.py)."""
     from pathlib import Path
 
     from transformers import AutoConfig
