@@ -239,6 +239,9 @@ class TrainConfig:
     """Test problems answered by greedy generation for the accuracy metric: a count (0: loss only) or "all"
     (the whole test split)."""
     eval_max_new_tokens: int = 64
+    eval_kv_cache_positions: int = 131072
+    """Greedy answers decode with a KV cache of at most this many positions per GPU (rows x (longest prompt +
+    eval_max_new_tokens)): Qwen3-VL-2B keeps 112 KiB per position in bf16, so the default is ~14 GiB."""
     eval_image_gain: bool = True
     """Also the eval loss with every image blanked, logged as image_gain = blank loss - loss (one more forward
     per eval micro-batch): a model that stops seeing its images shows it here first."""
@@ -269,6 +272,8 @@ class TrainConfig:
         _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
         for name in ("save_interval", "keep_checkpoints", "eval_interval", "log_interval"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
+        _check(self.eval_kv_cache_positions > self.eval_max_new_tokens, f"{path}.eval_kv_cache_positions",
+               "must exceed eval_max_new_tokens (a prompt and its answer must fit)")
         _check(
             self.eval_samples == "all" or (type(self.eval_samples) is int and self.eval_samples >= 0),
             f"{path}.eval_samples", f"must be a count >= 0 or all, got {self.eval_samples!r}",

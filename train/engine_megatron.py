@@ -343,6 +343,22 @@ class MegatronEngine:
     def logits(self, mb) -> torch.Tensor:
         return self.forward(mb, labels=False)
 
+    kv_cache = True
+    """Greedy generation prefills a KVCache and decodes one token per row (train/models/kv_cache.py)."""
+
+    @torch.no_grad()
+    def prefill(self, mb, cache, last: torch.Tensor) -> torch.Tensor:
+        """Logits [len(last), vocab] at positions `last` of a packed micro-batch of prompts, writing their keys and
+        values into `cache`."""
+        return self.model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.pixel_values, mb.image_grid_thw,
+                          None, image_index=mb.image_positions if mb.num_images else None, logits_index=last, kv_cache=cache)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [rows, vocab] of one new token per cache row (input_ids [rows], position_ids [3, rows])."""
+        cu = torch.arange(input_ids.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
+        return self.model(input_ids, position_ids, cu, 1, None, None, None, kv_cache=cache)
+
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, ckpt: Path) -> None:

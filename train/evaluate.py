@@ -93,75 +93,148 @@ def prompt_of(sample: Sample) -> Sample:
 
 
 @torch.no_grad()
-def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int, world, pixel_dtype) -> list[list[int]]:
-    """Greedy continuation of each prompt until `stop_id` or max_new_tokens (`spec.pad_to_multiple_of` pads
-    each forward for sequence parallelism)."""
+def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new_tokens: int, stop_id: int | None, budget: int,
+                    world, pixel_dtype, use_cache: bool = True, kv_cache_positions: int = 131072) -> list[list[int]]:
+    """Greedy continuation of each prompt until `stop_id` (None: never) or max_new_tokens.
+
+    With a KV cache where the engine has one (`engine.kv_cache`; the Megatron engine): prompts sorted by length
+    go in decode batches of at most `kv_cache_positions` cached positions (rows x (longest prompt + new
+    tokens)); each batch prefills in packed chunks of at most `budget` tokens (the vision tower once per
+    prompt), then decodes all its rows together, one token per row and forward. Without: every new token
+    re-runs the packed prompts and what they generated so far. `spec.pad_to_multiple_of` pads each forward
+    (and the decode rows) for sequence parallelism."""
     lockstep = engine.collective_forward and world.dp > 1
     out: list[list[int]] = [[] for _ in prompts]
-    steps = _decode_steps(prompts, out, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget)
+    kw = dict(max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, device=world.device, pixel_dtype=pixel_dtype)
+    if use_cache and getattr(engine, "kv_cache", False):
+        forwards = _cached_forwards(engine, prompts, out, spec, kv_cache_positions=kv_cache_positions, **kw)
+    else:
+        forwards = _uncached_forwards(engine, prompts, out, spec, **kw)
     while True:
-        item = next(steps, None)
-        if lockstep and not _anyone(item is not None, world):
+        run = next(forwards, None)
+        if lockstep and not _anyone(run is not None, world):
             break
-        if item is None:
+        if run is None:
             if not lockstep:
                 break
             # this rank is done but another still decodes: join its forward with a padding-only one
             engine.logits(pack_samples([], spec).to(world.device, pixel_dtype=pixel_dtype))
             continue
-        live, mb = item
-        logits = engine.logits(mb.to(world.device, pixel_dtype=pixel_dtype))
-        last = mb.cu_seqlens[1 : len(live) + 1].long() - 1
-        nxt = logits[last.to(logits.device)].float().argmax(dim=-1).tolist()
-        for i, t in zip(live, nxt):
-            out[i].append(int(t))
+        run()
     return out
 
 
-def _decode_steps(prompts: list[Sample], out: list[list[int]], spec: PackingSpec, *, max_new_tokens: int, stop_id: int, budget: int):
-    """Yields (live prompt indices, packed micro-batch) for each forward of greedy decoding; the caller appends
-    each live prompt's next token to `out` before asking for the next forward."""
-    # groups of prompts that fit the token budget with their answers
+def _groups(items: list[int], size, budget: int) -> list[list[int]]:
+    """Consecutive groups of items whose sizes add up to at most budget (an oversized item alone)."""
     groups, cur, used = [], [], 0
-    for i, p in enumerate(prompts):
-        need = p.num_tokens + max_new_tokens
-        if cur and used + need > budget:
+    for i in items:
+        if cur and used + size(i) > budget:
             groups.append(cur)
             cur, used = [], 0
         cur.append(i)
-        used += need
-    if cur:
-        groups.append(cur)
-    for group in groups:
+        used += size(i)
+    return groups + [cur] if cur else groups
+
+
+def _done(tokens: list[int], stop_id: int | None, max_new_tokens: int) -> bool:
+    return len(tokens) >= max_new_tokens or (bool(tokens) and tokens[-1] == stop_id)
+
+
+def _uncached_forwards(engine, prompts, out, spec, *, max_new_tokens, stop_id, budget, device, pixel_dtype):
+    """Yields one forward (a callable) per new token of each packed group of prompts; each appends to `out`."""
+    for group in _groups(list(range(len(prompts))), lambda i: prompts[i].num_tokens + max_new_tokens, budget):
         live = list(group)
-        for _ in range(max_new_tokens):
-            if not live:
-                break
+        while live:
             batch = [replace(prompts[i], input_ids=np.concatenate([prompts[i].input_ids, np.asarray(out[i], np.int32)]).astype(np.int32),
                              loss_mask=np.zeros(prompts[i].num_tokens + len(out[i]), np.uint8)) for i in live]
-            yield live, pack_samples(batch, spec)
-            live = [i for i in live if out[i][-1] != stop_id and len(out[i]) < max_new_tokens]
+            mb = pack_samples(batch, spec)
+
+            def run(mb=mb, live=live):
+                logits = engine.logits(mb.to(device, pixel_dtype=pixel_dtype))
+                last = mb.cu_seqlens[1 : len(live) + 1].long() - 1
+                for i, t in zip(live, logits[last.to(logits.device)].float().argmax(dim=-1).tolist()):
+                    out[i].append(int(t))
+
+            yield run
+            live = [i for i in live if not _done(out[i], stop_id, max_new_tokens)]
 
 
-def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int | None, max_new_tokens: int, budget: int, tokenizer, stop_id: int, pixel_dtype) -> dict[str, Any]:
-    """Greedy answers to the first num_samples test problems (None: all of them), scored against the gold answers."""
+def _cached_forwards(engine, prompts, out, spec, *, max_new_tokens, stop_id, budget, device, pixel_dtype, kv_cache_positions):
+    """Yields the forwards of KV-cached greedy decoding (generate_greedy); each appends to `out`."""
+    from train.models.kv_cache import KVCache
+
+    multiple = max(1, spec.pad_to_multiple_of)
+    order = sorted(range(len(prompts)), key=lambda i: -prompts[i].num_tokens)  # longest first: little cache padding
+    batches, cur = [], []
+    for i in order:  # each batch's first prompt is its longest
+        if cur and (len(cur) + 1) * (prompts[cur[0]].num_tokens + max_new_tokens) > kv_cache_positions:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches += [cur] if cur else []
+    for batch in batches:
+        num_rows = -(-len(batch) // multiple) * multiple  # sequence parallelism splits the rows over TP ranks
+        cache = KVCache(num_rows, prompts[batch[0]].num_tokens + max_new_tokens, device)
+        next_position = [0] * num_rows  # M-RoPE: text after the prompt continues from its largest position
+        row = 0
+        for chunk in _groups(batch, lambda i: prompts[i].num_tokens, budget):
+            mb = pack_samples([prompts[i] for i in chunk], spec)
+            cu = mb.cu_seqlens.tolist()
+            for j in range(len(chunk)):
+                next_position[row + j] = int(mb.position_ids[:, cu[j] : cu[j + 1]].max()) + 1
+
+            def prefill(mb=mb, chunk=chunk, row=row):
+                cache.prefill(list(range(row, row + len(chunk))), [prompts[i].num_tokens for i in chunk])
+                last = (mb.cu_seqlens[1 : len(chunk) + 1].long() - 1).to(device)
+                logits = engine.prefill(mb.to(device, pixel_dtype=pixel_dtype), cache, last)
+                for i, t in zip(chunk, logits.float().argmax(dim=-1).tolist()):
+                    out[i].append(int(t))
+
+            yield prefill
+            row += len(chunk)
+        cache.decode()
+        step = 0
+        while any(not _done(out[i], stop_id, max_new_tokens) for i in batch):
+            ids = [out[i][-1] for i in batch] + [spec.pad_token_id] * (num_rows - len(batch))
+            positions = [p + step for p in next_position]
+
+            def decode(ids=ids, positions=positions):
+                logits = engine.decode(torch.tensor(ids, device=device), torch.tensor(positions, device=device).expand(3, -1), cache)
+                cache.advance()
+                for i, t in zip(batch, logits[: len(batch)].float().argmax(dim=-1).tolist()):
+                    if not _done(out[i], stop_id, max_new_tokens):
+                        out[i].append(int(t))
+
+            yield decode
+            step += 1
+
+
+def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: int | None, max_new_tokens: int, budget: int,
+                  tokenizer, stop_id: int | None, pixel_dtype, **generate) -> dict[str, Any]:
+    """Greedy answers to the first num_samples test problems (None: all of them), scored against the gold answers.
+
+    Returns accuracy, answered and `records`: one dict per problem (key, gold answer, generated text, correct,
+    number of generated tokens), from every data-parallel rank, in shard order. `generate`: generate_greedy's
+    use_cache and kv_cache_positions."""
     ss = ShardSet(shard_dir)
-    samples = []
+    samples, index = [], []
     for i, s in enumerate(ss.iter_samples()):
         if num_samples is not None and i >= num_samples:
             break
         if i % world.dp == world.dp_rank:
             samples.append(s)
+            index.append(i)
     prompts = [prompt_of(s) for s in samples]
-    gens = generate_greedy(engine, prompts, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, world=world, pixel_dtype=pixel_dtype)
-    correct = 0
-    examples = []
-    for s, g in zip(samples, gens):
+    gens = generate_greedy(engine, prompts, spec, max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, world=world,
+                           pixel_dtype=pixel_dtype, **generate)
+    records = []
+    for i, s, g in zip(index, samples, gens):
         text = tokenizer.decode(g, skip_special_tokens=True) if tokenizer is not None else ""
-        ok = is_correct(text, s.meta["answer"])
-        correct += ok
-        if len(examples) < 3:
-            examples.append({"key": s.key, "answer": s.meta["answer"], "generated": text, "correct": ok})
-    t = torch.tensor([correct, len(samples)], dtype=torch.float64, device=world.device)
-    _dp_sum(t, world)
-    return {"accuracy": float(t[0] / max(t[1], 1)), "answered": int(t[1]), "examples": examples}
+        records.append({"index": i, "key": s.key, "answer": s.meta["answer"], "generated": text,
+                        "correct": bool(is_correct(text, s.meta["answer"])), "new_tokens": len(g)})
+    if dist.is_initialized() and world.dp > 1:
+        gathered: list[Any] = [None] * world.dp
+        dist.all_gather_object(gathered, records, group=_dp_group())
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / max(len(records), 1), "answered": len(records), "records": records, "examples": records[:3]}

@@ -532,6 +532,7 @@ class Trainer:
                     num_samples=None if tc.eval_samples == "all" else tc.eval_samples, max_new_tokens=tc.eval_max_new_tokens,
                     budget=tc.max_tokens_per_gpu, tokenizer=tokenizer,
                     stop_id=ss.processor["special_ids"]["im_end"], pixel_dtype=self.pixel_dtype,
+                    kv_cache_positions=tc.eval_kv_cache_positions,
                 )
                 res.update(accuracy=acc["accuracy"], answered=acc["answered"])
                 if self.world.is_main and acc["examples"]:

@@ -279,6 +279,12 @@ class VarlenCoreAttention(torch.nn.Module):
             # fused kernel per tensor with cos/sin shared by all layers (train/models/fused.py).
             sin = packed_seq_params.rope_sin
             query, key = fused.rope(query, cos, sin), fused.rope(key, cos, sin)
+        cache = getattr(packed_seq_params, "kv_cache", None)  # greedy decoding (kv_cache.py)
+        if cache is not None and cache.decoding:
+            out = cache.attend(self.layer_number, query, key, value, self.softmax_scale)
+            return out.reshape(out.shape[0], 1, -1)
+        if cache is not None:
+            cache.store_prompt(self.layer_number, key, value)
         out = varlen_attention(
             query, key, value,
             packed_seq_params.cu_seqlens_q,

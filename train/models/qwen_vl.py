@@ -20,6 +20,7 @@ The packed micro-batch interface (see docs/megatron-models.md) is `QwenVLModel.f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,8 @@ class DeepstackTransformerLayer(TransformerLayer):
     specialised to each layer instead of shared by all."""
 
     def forward(self, *args, **kwargs):
-        if self.compiled_forward is not None:
+        # decoding with a KV cache runs eager: the cache's writes and growing span would recompile every step
+        if self.compiled_forward is not None and getattr(kwargs.get("packed_seq_params"), "kv_cache", None) is None:
             output, context = self.compiled_forward(*args, **kwargs)
         else:
             output, context = super().forward(*args, **kwargs)
@@ -289,10 +291,13 @@ class QwenVLLanguageModel(GPTModel):
         the 2B model's FLOPs) and never materialises [T, 151,936] logits. Under sequence parallelism each
         rank holds a slice of the sequence, so the full head runs there (Megatron's own path)."""
         packed = kwargs.get("packed_seq_params")
-        index = getattr(packed, "loss_index", None)
-        if labels is None or index is None or self.config.sequence_parallel or self.config.mtp_num_layers or not self.post_process:
+        index = getattr(packed, "loss_index" if labels is not None else "logits_index", None)
+        if index is None or self.config.sequence_parallel or self.config.mtp_num_layers or not self.post_process:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        if labels is None:  # logits at these positions only (generation: each prompt's last token), gathered over TP
+            logits, _ = self.output_layer(hidden_states.index_select(0, index), weight=weight, runtime_gather_output=True)
+            return logits.transpose(0, 1).contiguous()  # [1, n, V]
         logits, _ = self.output_layer(hidden_states.index_select(0, index), weight=weight)  # [n, 1, V / tp]
         return self.compute_language_model_loss(labels.index_select(1, index), logits)  # [1, n]
 
@@ -309,6 +314,10 @@ class QwenPackedSeqParams(PackedSeqParams):
     rope_sin: torch.Tensor | None = None
     loss_index: torch.Tensor | None = None
     """int64 [n]: positions with labels; the LM head runs only there (None: everywhere)."""
+    logits_index: torch.Tensor | None = None
+    """int64 [n]: without labels, the positions whose logits are wanted (None: every position)."""
+    kv_cache: Any = None
+    """A kv_cache.KVCache while decoding greedily: prefill writes it, decode reads and extends it."""
 
 
 class QwenVLModel(MegatronModule):
@@ -347,6 +356,8 @@ class QwenVLModel(MegatronModule):
         labels: torch.Tensor | None = None,
         loss_index: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+        kv_cache=None,
     ) -> torch.Tensor:
         """One packed micro-batch (batch dimension 1, left implicit).
 
@@ -357,7 +368,10 @@ class QwenVLModel(MegatronModule):
         loss_index = positions of labels != -100 and image_index = positions of image tokens (int64,
         ascending; the data path ships both, train/data/batch.py); computed here when not given.
 
-        Returns logits [T, vocab] (gathered over tensor-parallel ranks) when labels is None, else the
+        Generation (train/evaluate.py): `logits_index` = the positions whose logits are wanted (each prompt's
+        last token), `kv_cache` = a kv_cache.KVCache in its prefill or decode phase.
+
+        Returns logits [T, vocab] (gathered over tensor-parallel ranks; [n, vocab] at logits_index) when labels is None, else the
         float32 per-token loss [T], 0 where labels == -100: the trainer sums it and divides by the
         number of loss tokens of the global batch.
         """
@@ -393,6 +407,8 @@ class QwenVLModel(MegatronModule):
             rope_cos=angles.cos().to(act_dtype),
             rope_sin=angles.sin().to(act_dtype),
             loss_index=loss_index if labels is not None else None,
+            logits_index=logits_index if labels is None else None,
+            kv_cache=kv_cache,
         )
         out = self.language_model(
             input_ids=input_ids[None],
@@ -407,7 +423,9 @@ class QwenVLModel(MegatronModule):
         if not self.post_process:
             return out
         if labels is None:
-            return out[0]  # [T, vocab]
+            if logits_index is not None and self.config.sequence_parallel:  # the full head ran (_postprocess)
+                return out[0].index_select(0, logits_index)
+            return out[0]  # [T or n, vocab]
         if out.shape[1] != labels.shape[0]:  # the loss at loss_index only (QwenVLLanguageModel._postprocess)
             return torch.zeros(labels.shape, dtype=torch.float32, device=out.device).index_put((loss_index,), out[0].float())
         return out[0].float() * loss_mask
