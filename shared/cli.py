@@ -42,6 +42,18 @@ def _config(path: Optional[Path], overrides: Optional[list[str]]):
     return load_config(path, overrides or []), (path.resolve().parent if path else None)
 
 
+def _relaunch(nproc: int) -> None:
+    """With nproc > 1 in a lone process: run this same command again under torchrun (does not return)."""
+    if nproc > 1 and "RANK" not in os.environ:
+        from train.trainer import launch_with_torchrun
+
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+        if "--nproc" in sys.argv:  # "--nproc N" as two words
+            i = sys.argv.index("--nproc")
+            argv = sys.argv[1:i] + sys.argv[i + 2 :]
+        launch_with_torchrun(nproc, argv)
+
+
 @app.command()
 def preprocess(
     config: ConfigOpt = None,
@@ -238,14 +250,7 @@ def train(
 
                 print(f"  to fit: {advice(p, cfg.train, nproc, hf_config)}")
             return
-    if nproc > 1 and "RANK" not in os.environ:
-        from train.trainer import launch_with_torchrun
-
-        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
-        if "--nproc" in sys.argv:  # "--nproc N" as two words
-            i = sys.argv.index("--nproc")
-            argv = sys.argv[1:i] + sys.argv[i + 2 :]
-        launch_with_torchrun(nproc, argv)
+    _relaunch(nproc)
     from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
@@ -269,6 +274,49 @@ def export(
 
     path = export_checkpoint(checkpoint, out, dtype=dtype, warn=lambda w: print(f"warning: {w}", file=sys.stderr))
     print(f"exported {path}; load it with transformers' AutoModelForImageTextToText.from_pretrained({str(path)!r})")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="A run folder, a checkpoint (step-N), an exported or any Hugging Face Qwen-VL folder, or a hub id.")],
+    shards: Annotated[Path, typer.Option("--shards", help="The test split's shard folder, e.g. data_shards/geo3k/test.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[str, typer.Option("--samples", help="Problems to answer: a count or all.")] = "all",
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest answer (default: train.eval_max_new_tokens).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSONL of every answer (default: eval-<model>.jsonl here).")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node; >1 relaunches under torchrun.")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a model on test shards: per-token loss, image gain, greedy answers and their accuracy.
+
+    Examples:
+
+      geo3k eval Qwen/Qwen3-VL-2B-Instruct --shards data_shards/geo3k/test
+
+      geo3k eval runs/geo3k --shards data_shards/geo3k/test --samples 64 --json
+
+      geo3k eval exported/geo3k-qwen3-vl-2b --shards data_shards/geo3k/test --nproc 2 --set train.tensor_parallel=2
+    """
+    from shared.config import ConfigError
+
+    if samples != "all" and not (samples.isdigit() and int(samples) > 0):
+        raise ConfigError(f"--samples {samples}: give a count > 0 or all")
+    overrides = list(set_ or [])
+    if max_new_tokens is not None:
+        overrides.append(f"train.eval_max_new_tokens={max_new_tokens}")
+    cfg, _ = _config(config, overrides)
+    _relaunch(nproc)
+    from train.distributed import destroy
+    from train.evaluate import eval_summary, run_eval
+
+    out = out or Path(f"eval-{Path(model.rstrip('/')).name}.jsonl")
+    try:
+        res = run_eval(cfg, model, shards, samples=None if samples == "all" else int(samples), out_jsonl=out)
+    finally:
+        destroy()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(res, indent=2, default=str) if json_out else eval_summary(res))
 
 
 def main() -> None:

@@ -238,3 +238,87 @@ def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: i
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "answered": len(records), "records": records, "examples": records[:3]}
+
+
+def shard_tokenizer(ss: ShardSet):
+    """The tokenizer the shards were made with (to read generated answers)."""
+    from shared.presets import load_processor
+
+    return load_processor(ss.processor.get("preset") or ss.processor["name_or_path"]).tokenizer
+
+
+# ---------------------------------------------------------------- geo3k eval
+
+
+def run_eval(cfg, model: str, shards, *, samples: int | None, out_jsonl, say=print) -> dict[str, Any]:
+    """`geo3k eval`: the per-token loss (and image gain), then greedy answers and their accuracy, of any model
+    (an HF folder or hub id, a preset's hub id, a geo3k run folder or checkpoint) on a test shard set, through the
+    Megatron engine with the layout of cfg.train. Writes one JSON line per answered problem to out_jsonl (rank 0)."""
+    import json
+    import os
+    import time
+    from dataclasses import replace as dc_replace
+    from pathlib import Path
+
+    from train.data import DataConfig
+    from train.distributed import init_distributed
+    from train.engine_megatron import MegatronEngine
+    from train.models.source import resolve_source
+    from train.trainer import check_layout, check_shards_fit_model
+
+    shards = Path(shards)
+    ss = ShardSet(shards)  # a clear error for a folder that is not a complete shard set
+    source = resolve_source(model, pretrained=True)
+    check_shards_fit_model(ss.processor, source.hf_config, shards)  # before any weight is read
+    # eval runs each layer once per forward: compiling layers would cost more than it saves
+    tc = dc_replace(cfg.train, random_init=False, compile_layers=False)
+    check_layout(tc, source.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
+    tokenizer = shard_tokenizer(ss)
+    world = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
+    pad = tc.tensor_parallel if tc.sequence_parallel else 1
+    data_cfg = DataConfig(max_tokens_per_gpu=tc.max_tokens_per_gpu, max_patches_per_gpu=tc.max_patches_per_micro_batch,
+                          pad_to_multiple_of=pad, global_batch_size=tc.global_batch_size, seed=tc.seed, num_workers=0)
+    t0 = time.perf_counter()
+    engine = MegatronEngine(source.hf_config, tc, world, init_from=source)
+    pixel_dtype = torch.bfloat16 if (tc.bf16 and engine.cuda) else torch.float32
+    res: dict[str, Any] = {"model": model, "weights": str(source.weights), "shards": str(shards), "load_seconds": time.perf_counter() - t0}
+    with engine.evaluating():
+        t0 = time.perf_counter()
+        res.update(eval_loss(engine, shards, data_cfg, world, pixel_dtype, image_gain=tc.eval_image_gain))
+        res["loss_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        acc = eval_accuracy(engine, shards, PackingSpec.from_processor_identity(ss.processor, pad), world,
+                            num_samples=samples, max_new_tokens=tc.eval_max_new_tokens, budget=tc.max_tokens_per_gpu,
+                            tokenizer=tokenizer, stop_id=ss.processor["special_ids"]["im_end"], pixel_dtype=pixel_dtype,
+                            kv_cache_positions=tc.eval_kv_cache_positions)
+        res["generate_seconds"] = time.perf_counter() - t0
+    records = acc.pop("records")
+    acc.pop("examples")
+    res.update(acc, correct=sum(r["correct"] for r in records), max_new_tokens=tc.eval_max_new_tokens)
+    if world.is_main:
+        out_jsonl = Path(out_jsonl)
+        out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_jsonl, "w") as f:
+            for r in records:
+                f.write(json.dumps({k: r[k] for k in ("key", "answer", "generated", "correct", "new_tokens")}, ensure_ascii=False) + "\n")
+        res["answers_file"] = str(out_jsonl)
+    return res
+
+
+def eval_summary(res: dict[str, Any]) -> str:
+    """geo3k eval's table."""
+    rows = [
+        ("model", f"{res['model']} (weights {res['weights']})"),
+        ("shards", f"{res['shards']} ({res['samples']} problems)"),
+        ("loss", f"{res['loss']:.4f} per answer token"),
+    ]
+    if "image_gain" in res:
+        rows.append(("image gain", f"{res['image_gain']:+.4f} (loss {res['loss_blank_images']:.4f} with every image blanked)"))
+    rows += [
+        ("accuracy", f"{100 * res['accuracy']:.1f}% ({res['correct']} of {res['answered']} answered correctly)"),
+        ("time", f"loss {res['loss_seconds']:.1f} s, answers {res['generate_seconds']:.1f} s (greedy, at most "
+                 f"{res['max_new_tokens']} new tokens), weights {res['load_seconds']:.1f} s"),
+        ("answers", res.get("answers_file", "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -511,7 +511,7 @@ class Trainer:
         return res
 
     def _evaluate(self) -> dict[str, Any]:
-        from train.evaluate import eval_accuracy, eval_loss
+        from train.evaluate import eval_accuracy, eval_loss, shard_tokenizer
 
         tc = self.cfg.train
         res: dict[str, Any] = eval_loss(self.engine, self.eval_dir, self.data_cfg, self.world, self.pixel_dtype,
@@ -520,9 +520,7 @@ class Trainer:
             ss = ShardSet(self.eval_dir)
             tokenizer = None
             try:
-                from shared.presets import load_processor
-
-                tokenizer = load_processor(ss.processor.get("preset") or ss.processor["name_or_path"]).tokenizer
+                tokenizer = shard_tokenizer(ss)
             except Exception as e:  # decoding is for reading answers; without it accuracy cannot be scored
                 self.say(f"note: no tokenizer for eval answers ({e}); accuracy skipped")
             if tokenizer is not None:
