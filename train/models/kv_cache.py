@@ -1,7 +1,7 @@
 """The key/value cache of greedy decoding: each prompt is read once, then every new token costs one position.
 
 One `KVCache` holds a batch of sequences (rows), each with its own length, for every attention layer:
-`[rows, capacity, kv_heads, head_dim]` keys and values, allocated by each layer at its first write (so
+`[rows, kv_heads, capacity, head_dim]` keys and values, allocated by each layer at its first write (so
 tensor-parallel ranks hold their own heads, in the model's dtype). Two phases, set by the caller between
 forwards (train/evaluate.py drives them):
 
@@ -9,8 +9,8 @@ forwards (train/evaluate.py drives them):
   (`VarlenCoreAttention`); each layer also writes its rotated keys and its values into the rows of those
   prompts. Long batches prefill in several packed chunks, each into its own rows.
 - **decode**: one new token per row, `T = rows`. Each layer writes the token's key and value at the row's
-  length and attends the token's query over positions `0..length` of its row (one batched SDPA, a boolean
-  mask for the rows that are shorter than the longest).
+  length and attends the token's query over positions `0..length` of its row (two batched matmuls over the
+  cached heads as they are, softmax in float32, the positions beyond a shorter row's length masked).
 
 The cache travels to the attention layers inside the packed-sequence parameters
 (`QwenPackedSeqParams.kv_cache`); `layer_number` (Megatron's, 1-based) keys the layers. Nothing here is
@@ -21,7 +21,6 @@ caller's to pass (M-RoPE's text positions continue from the prompt's largest pos
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 class KVCache:
@@ -61,7 +60,9 @@ class KVCache:
 
     def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.keys:
-            shape = (self.num_rows, self.capacity, like.shape[1], like.shape[2])
+            # kv heads before positions: a row's span of one head is contiguous, so the decode matmuls read the
+            # cache in place
+            shape = (self.num_rows, like.shape[1], self.capacity, like.shape[2])
             self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.keys[layer], self.values[layer]
@@ -70,24 +71,23 @@ class KVCache:
         """Prefill: key, value [T, kv_heads, head_dim] of the packed chunk; its padding tail is not stored."""
         k, v = self._buffers(layer, key)
         n = self._rows.shape[0]
-        k[self._rows, self._cols] = key[:n]
-        v[self._rows, self._cols] = value[:n]
+        k[self._rows, :, self._cols] = key[:n]
+        v[self._rows, :, self._cols] = value[:n]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode: query [rows, heads, dim] and the new key/value [rows, kv_heads, dim] -> [rows, heads, dim]."""
         k, v = self._buffers(layer, key)
         rows = torch.arange(self.num_rows, device=key.device)
-        k[rows, self.lengths] = key
-        v[rows, self.lengths] = value
+        k[rows, :, self.lengths] = key
+        v[rows, :, self.lengths] = value
         span = self.max_length + 1
-        mask = torch.arange(span, device=key.device)[None, :] <= self.lengths[:, None]  # [rows, span]
-        out = F.scaled_dot_product_attention(
-            query[:, :, None, :],  # [rows, heads, 1, dim]
-            k[:, :span].transpose(1, 2),
-            v[:, :span].transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            # query head h reads kv head h // (heads / kv_heads), as in training (attention.py)
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return out[:, :, 0, :]
+        rows, heads, dim = query.shape
+        groups = key.shape[1]
+        # grouped-query attention without repeating the cached heads: the `heads // groups` query heads of a kv
+        # head (h // rep, as in training) attend together, one batched matmul over [rows, groups]
+        q = query.view(rows, groups, heads // groups, dim)
+        scores = torch.matmul(q, k[:, :, :span].transpose(2, 3)).float() * scale  # [rows, groups, rep, span]
+        future = torch.arange(span, device=key.device)[None, :] > self.lengths[:, None]  # [rows, span]
+        probs = scores.masked_fill(future[:, None, None, :], float("-inf")).softmax(dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v[:, :, :span])  # [rows, groups, rep, dim]
+        return out.reshape(rows, heads, dim)
