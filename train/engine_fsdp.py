@@ -51,11 +51,11 @@ import torch.utils.checkpoint
 
 from shared.config import TrainConfig
 from shared.errors import UserError
+from shared.schema import IGNORE_INDEX
 from train.distributed import World
 from train.engine_megatron import build_adamw
 from train.models.vision import run_vision
 
-IGNORE_INDEX = -100
 LOSS_CHUNK = 1024
 """Loss tokens per LM-head chunk: [1024, vocab 151936] fp32 logits are 0.6 GB, alive one chunk at a time."""
 DCP_DIR = "dcp"

@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.schema import PixelSpec, RecordError, Sample
+from shared.schema import IGNORE_INDEX, PixelSpec, RecordError, Sample
 from train.data.rope import mrope_position_ids
-
-IGNORE_INDEX = -100
 
 
 @dataclass
