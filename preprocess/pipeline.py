@@ -24,6 +24,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -56,7 +57,6 @@ from shared.schema import FORMAT_VERSION
 
 PARTS = ".parts"
 LOCK = ".lock"
-GEO3K_VERSION = "0.1.0"
 CHECK_EVERY = 64
 """Rows whose index is a multiple of this are also run through the full processor and compared (the fast
 path's proof on every shard: row 0 of a 256-row shard is always one); `--verify` checks every row."""
@@ -767,6 +767,14 @@ def _summarize(split: str, out: Path, parts: dict[int, dict[str, Any]], seconds:
     return s
 
 
+def _package_version() -> str:
+    # the installed package's metadata (pyproject.toml's version); a source tree that was never installed has none
+    try:
+        return importlib.metadata.version("geo3k")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _write_manifest(
     cfg: PipelineConfig, out: Path, src: Source, inputs: dict[str, Any], fp: str, parts: list[dict[str, Any]], s: SplitSummary
 ) -> None:
@@ -777,7 +785,7 @@ def _write_manifest(
     atomic_write_bytes(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created_by": f"geo3k {GEO3K_VERSION}",
+        "created_by": f"geo3k {_package_version()}",
         "dataset": cfg.dataset,
         "split": src.split,
         "fingerprint": fp,

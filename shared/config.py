@@ -165,6 +165,11 @@ class ShardConfig:
         _check(1 <= self.zstd_level <= 22, f"{path}.zstd_level", "must be 1..22")
 
 
+# train.attention_backend's choices: "auto" and train/models/attention.py's BACKENDS (a test keeps them equal;
+# shared/ imports no torch code).
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+
+
 @dataclass
 class TrainConfig:
     """`geo3k train`: the recipe of the original Geo3K SFT example, every knob here."""
@@ -207,6 +212,10 @@ class TrainConfig:
     """On GPUs, compile each decoder layer and each vision block whole (torch.compile; train/models/layer_compile.py):
     one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies to
     dense models with tensor_parallel 1 and recompute none (the measured case); elsewhere layers stay eager."""
+    attention_backend: str = "auto"
+    """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: flash_attn
+    if installed, else torch_varlen on GPUs, sdpa on CPU or in fp32), or one of flash_attn, torch_varlen, sdpa
+    to compare kernels or to work around a broken one."""
     gc_interval: int = 50
     """Python's automatic garbage collection is off while training; a young-generation collection runs every
     N steps instead (train/gc_policy.py; ~5 ms per step on one GPU, more to gain with several, where a pause on
@@ -260,6 +269,11 @@ class TrainConfig:
         _check(0 < self.min_lr <= self.lr, f"{path}.min_lr", "must be > 0 and <= train.lr")
         _check(0 <= self.warmup_fraction < 1, f"{path}.warmup_fraction", "must be in [0, 1)")
         _check(self.recompute in ("none", "selective", "full"), f"{path}.recompute", "must be none, selective or full")
+        _check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"{path}.attention_backend",
+            f"{self.attention_backend!r}: write one of {', '.join(ATTENTION_BACKENDS)}",
+        )
         _check(self.gc_interval >= 0, f"{path}.gc_interval", "must be >= 0 (0: Python's automatic garbage collection)")
         _check(self.tensor_parallel >= 1, f"{path}.tensor_parallel", "must be >= 1")
         _check(self.expert_parallel >= 1, f"{path}.expert_parallel", "must be >= 1")

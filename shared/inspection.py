@@ -270,7 +270,7 @@ def load_tokenizer(ss: ShardSet, processor: str | None = None) -> tuple[Any, lis
     from shared.presets import PresetError, load_processor
 
     rec = ss.processor
-    name = processor or rec.get("preset") or rec.get("name_or_path")
+    name = processor or ss.processor_name
     if not name:
         raise InspectError(f"{ss.root}/{MANIFEST} names no processor: pass --processor NAME_OR_PATH to decode tokens")
     try:

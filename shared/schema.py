@@ -38,6 +38,10 @@ PATCHES = "patches.npy.zst"
 META = "meta.json"
 MEMBERS = (INPUT_IDS, LOSS_MASK, GRID_THW, PATCHES, META)
 
+IGNORE_INDEX = -100
+"""The label of a position without a loss (PyTorch cross_entropy's default ignore_index). The shards keep
+`loss_mask`; train/data/batch.py turns it into shifted labels with this value where the mask is 0."""
+
 
 class RecordError(ValueError):
     """A shard record that is missing a member or whose members disagree."""

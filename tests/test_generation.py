@@ -102,7 +102,7 @@ def _one_process_world():
     from train.distributed import World
 
     init_megatron_cpu()
-    return World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, dp_rank=0, tp_rank=0)
+    return World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, dp=1, dp_rank=0, tp_rank=0)
 
 
 def _transformers_greedy(ckpt: Path, prompts, spec) -> list[list[int]]:

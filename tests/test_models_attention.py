@@ -37,12 +37,27 @@ def test_sdpa_backend_equals_block_diagonal_attention(causal, num_kv_heads):
     assert (out - ref).abs().max().item() < 1e-5
 
 
-def test_backend_choice_on_cpu(monkeypatch):
+def test_backend_choice_on_cpu():
+    from shared.config import ATTENTION_BACKENDS, ConfigError
+    from train.models.attention import BACKENDS, set_backend
+
     assert available_backends(torch.device("cpu"), torch.bfloat16) == ["sdpa"]
     assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"
-    monkeypatch.setenv("GEO3K_ATTN_BACKEND", "flash_attn")
-    with pytest.raises(ValueError, match="GEO3K_ATTN_BACKEND"):
-        select_backend(torch.device("cpu"), torch.float32)
+    assert ATTENTION_BACKENDS == ("auto", *BACKENDS)  # what train.attention_backend accepts
+    try:
+        set_backend("sdpa", torch.device("cpu"), torch.float32)
+        assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"
+        with pytest.raises(ConfigError, match="train.attention_backend: flash_attn cannot run float32 tensors on cpu"):
+            set_backend("flash_attn", torch.device("cpu"), torch.float32)
+        assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"  # the refused choice left no trace
+        with pytest.raises(ConfigError, match="unknown"):
+            set_backend("aten_flash")
+        set_backend("flash_attn")  # no device given: refused at the call instead
+        with pytest.raises(ConfigError, match="train.attention_backend: flash_attn cannot run"):
+            select_backend(torch.device("cpu"), torch.float32)
+    finally:
+        set_backend("auto")
+    assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"
 
 
 def test_core_attention_module_reads_cu_seqlens():
@@ -94,49 +109,3 @@ def test_mrope_angles_equal_transformers(family, section):
     cos, sin = rotary(x, pos)
     angles = mrope_angles(pos, rope_inv_freq(128, theta), section, interleaved=family == "qwen3_vl")
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
-
-
-@pytest.mark.parametrize("gqa", ["expand", "native"])
-@pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_aten_flash_glue_with_a_stand_in_kernel(monkeypatch, num_kv_heads, gqa):
-    """The opt-in aten_flash backend's autograd glue (argument order, saved tensors, the GQA expand and the sum
-    of its gradients back onto the kv heads), with aten's CUDA-only flash ops replaced by the exact SDPA loop."""
-    from train.models import attention
-
-    monkeypatch.setenv("GEO3K_ATEN_FLASH_GQA", gqa)
-
-    def fake_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None):
-        # "expand" hands the kernel one kv head per query head; "native" leaves the grouping to the kernel
-        assert (q.shape[1] == k.shape[1]) == (gqa == "expand" or num_kv_heads == q.shape[1])
-        out = attention._sdpa_loop(q, k, v, cu_q, causal, scale)
-        return out, torch.zeros(1), torch.zeros(2), torch.zeros(0), torch.zeros(0)
-
-    def fake_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng, unused, scale=None):
-        with torch.enable_grad():  # autograd runs backward() with grad mode off
-            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            return torch.autograd.grad(attention._sdpa_loop(q, k, v, cu_q, causal, scale), (q, k, v), grad)
-
-    real_aten = torch.ops.aten
-
-    class FakeAten:
-        _flash_attention_forward = staticmethod(fake_forward)
-        _flash_attention_backward = staticmethod(fake_backward)
-
-        def __getattr__(self, name):  # every other op stays real (torch's own code reaches for some)
-            return getattr(real_aten, name)
-
-    monkeypatch.setattr(torch.ops, "aten", FakeAten())
-    torch.manual_seed(1)
-    lens = [6, 9, 4]
-    T, H, D = sum(lens), 4, 8
-    cu = torch.tensor([0, 6, 15, 19], dtype=torch.int32)
-    inputs = [torch.randn(T, h, D, requires_grad=True) for h in (H, num_kv_heads, num_kv_heads)]
-    grad = torch.randn(T, H, D)
-    out = varlen_attention(*inputs, cu, max(lens), causal=True, backend="aten_flash")
-    got = torch.autograd.grad(out, inputs, grad)
-    ref_out = varlen_attention(*inputs, cu, max(lens), causal=True, backend="sdpa")
-    ref = torch.autograd.grad(ref_out, inputs, grad)
-    torch.testing.assert_close(out, ref_out)
-    for a, b in zip(got, ref):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

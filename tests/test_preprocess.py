@@ -112,6 +112,16 @@ def test_too_long_sample_is_rejected_with_its_length():
     assert e.value.reason == "too-long" and "tokens > preprocess.max_tokens 64" in e.value.detail
 
 
+def test_presets_share_their_family_processor_files():
+    from shared.presets import FAMILY_DIR, preset_files, preset_names
+
+    for name in preset_names():
+        files = preset_files(name)
+        assert [f.name for f in files] == ["chat_template.jinja", "config.json", "preprocessor_config.json"], name
+        family = "qwen2.5-vl" if name.startswith("qwen2.5-vl") else "qwen3-vl"
+        assert files[0] == FAMILY_DIR / family / "chat_template.jinja" and files[2].parent == FAMILY_DIR / family
+
+
 @pytest.mark.parametrize("preset", ["qwen3-vl-2b", "qwen2.5-vl-3b"])
 def test_real_geo3k_problems_are_token_exact(preset):
     """The ten real problems, through both processor families, equal transformers' own output."""

@@ -161,7 +161,7 @@ def test_packed_fsdp_forward_equals_transformers_per_sample(family, tmp_path):
     init_megatron_cpu()
     torch.manual_seed(0)
     cfg, hf = fx.random_hf_model(family, seed=1, save_to=tmp_path)
-    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, dp_rank=0, tp_rank=0)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, dp=1, dp_rank=0, tp_rank=0)
     engine = FSDPEngine(cfg, TrainConfig(bf16=False), world, init_from=resolve_source(str(tmp_path), pretrained=True))
 
     samples = [fx.make_sample(10, [(1, 4, 6), (1, 6, 4)]), fx.make_sample(11, [(1, 8, 8)], num_text=(9, 12)), fx.make_sample(12, [], num_text=(15, 0))]

@@ -31,7 +31,6 @@ class World:
     local_rank: int
     device: torch.device
     tp: int
-    pp: int
     dp: int
     dp_rank: int
     tp_rank: int
@@ -98,8 +97,8 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
         torch.cuda.set_device(device)
     if world_size % (tp * pp) or (world_size // (tp * pp)) % ep:
         raise ValueError(
-            f"{world_size} processes cannot hold tensor_parallel={tp} x pipeline_parallel={pp} with expert_parallel={ep}: "
-            "use a process count that is a multiple of tp x pp x ep"
+            f"{world_size} processes cannot hold train.tensor_parallel={tp} with train.expert_parallel={ep}: "
+            f"use a process count that is a multiple of {tp * pp * ep}"
         )
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -122,7 +121,6 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
         local_rank=local_rank,
         device=device,
         tp=tp,
-        pp=pp,
         dp=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

@@ -51,11 +51,11 @@ import torch.utils.checkpoint
 
 from shared.config import TrainConfig
 from shared.errors import UserError
+from shared.schema import IGNORE_INDEX
 from train.distributed import World
 from train.engine_megatron import build_adamw
 from train.models.vision import run_vision
 
-IGNORE_INDEX = -100
 LOSS_CHUNK = 1024
 """Loss tokens per LM-head chunk: [1024, vocab 151936] fp32 logits are 0.6 GB, alive one chunk at a time."""
 DCP_DIR = "dcp"
@@ -248,6 +248,9 @@ class FSDPEngine:
         self.hf_config = hf_config
         self.cuda = world.device.type == "cuda"
         self.bf16 = cfg.bf16 and self.cuda
+        from train.models import attention
+
+        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if self.bf16 else torch.float32)
         # Every rank builds the model on the meta device (no memory) and shards it; rank 0 alone holds the whole
         # model on the host (random, seeded, or the checkpoint) and broadcasts each rank its shards. Host memory is
         # one model on rank 0, not one per rank (30B-A3B: 122 GB in fp32 once, instead of ~1 TB on 8 ranks).

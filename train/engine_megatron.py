@@ -171,8 +171,9 @@ class MegatronEngine:
             use_cpu_initialization=not self.cuda,
             perform_initialization=init_from is None,
         )
-        from train.models import fused
+        from train.models import attention, fused
 
+        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if bf16 else torch.float32)
         # torch.compile'd norm/RoPE (ours) and SwiGLU (Megatron's bias_activation_fusion, plain torch) on GPUs;
         # the CPU path stays eager and exact (and needs no compiler).
         use_fused = cfg.fused_kernels and self.cuda

@@ -12,7 +12,6 @@ The layout is the contract with train/models/qwen_vl.py (`model(**batch.model_in
     pixel_values   float [N, C*Tp*P*P]  normalised like the processor, images in order of appearance
     image_grid_thw int64 [I, 3]    stays on the host in `.to(device)`: the vision encoder's index arithmetic
                                    (per-image Python loops in transformers) reads it there without a GPU sync
-    cu_patches     int32 [I+1]     per-image patch boundaries for the vision encoder
     loss_positions int64 [n]       where labels != -100, and image_positions where input_ids is the image
                                    token: computed here so the model needs no `nonzero()` (a host sync) per step
 
@@ -31,10 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.schema import PixelSpec, RecordError, Sample
+from shared.schema import IGNORE_INDEX, PixelSpec, RecordError, Sample
 from train.data.rope import mrope_position_ids
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -47,7 +44,6 @@ class PackedBatch:
     patches: torch.Tensor
     """uint8 [N, C, P, P]: one temporal frame per patch, as stored in the shards."""
     image_grid_thw: torch.Tensor
-    cu_patches: torch.Tensor
     pixel_offset: torch.Tensor
     """float32 [C]: pixel = (u8 - offset) / scale, PixelSpec.affine()."""
     pixel_scale: torch.Tensor
@@ -99,7 +95,7 @@ class PackedBatch:
             "labels": self.labels,
         }
 
-    _TENSORS = ("input_ids", "position_ids", "labels", "cu_seqlens", "patches", "image_grid_thw", "cu_patches",
+    _TENSORS = ("input_ids", "position_ids", "labels", "cu_seqlens", "patches", "image_grid_thw",
                 "pixel_offset", "pixel_scale", "loss_positions", "image_positions")
 
     def _map(self, fn, skip: tuple[str, ...] = ()) -> "PackedBatch":
@@ -185,13 +181,11 @@ def pack_samples(samples: list[Sample], spec: PackingSpec) -> PackedBatch:
     np.cumsum(segments, out=cu_seqlens[1:])
     grids = [np.asarray(s.image_grid_thw, dtype=np.int64).reshape(-1, 3) for s in samples]
     grid = np.concatenate(grids) if grids else np.zeros((0, 3), dtype=np.int64)
-    cu_patches = np.zeros(grid.shape[0] + 1, dtype=np.int32)
-    np.cumsum(grid.prod(axis=1), out=cu_patches[1:])
     patch_list = [s.patches for s in samples if s.patches.shape[0]]
     patches = (
         np.concatenate(patch_list) if patch_list else np.zeros((0, ps.channels, ps.patch_size, ps.patch_size), dtype=np.uint8)
     )
-    if patches.shape[0] != cu_patches[-1]:
+    if patches.shape[0] != int(grid.prod(axis=1).sum()):
         raise RecordError(f"{[s.key for s in samples]}: image_grid_thw and the pixel data disagree")
     offset, scale = ps.affine()
     return PackedBatch(
@@ -202,7 +196,6 @@ def pack_samples(samples: list[Sample], spec: PackingSpec) -> PackedBatch:
         max_seqlen=max(segments) if segments else 0,
         patches=torch.from_numpy(patches),
         image_grid_thw=torch.from_numpy(grid),
-        cu_patches=torch.from_numpy(cu_patches),
         pixel_offset=torch.from_numpy(offset.copy()),
         pixel_scale=torch.from_numpy(scale.copy()),
         temporal_patch_size=ps.temporal_patch_size,

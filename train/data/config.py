@@ -10,7 +10,6 @@ knobs (balance, drop_last, prefetch, pin_memory) keep these defaults there; test
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass
@@ -68,10 +67,3 @@ class DataConfig:
         need(self.num_workers >= 0, "num_workers", "must be >= 0 (0 = load in the training process)")
         need(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], path: str = "train.data") -> "DataConfig":
-        """Build from a mapping; unknown keys are errors."""
-        from shared.config import from_dict
-
-        return from_dict(cls, dict(d), path)

@@ -129,11 +129,10 @@ def _as_is(x):
     return x
 
 
-def flops_model_for(processor_identity: dict[str, Any]) -> FlopsModel:
-    """The cost model of the model the shards were made for (default shape: Qwen3-VL-2B)."""
+def flops_model_for(name: str | None) -> FlopsModel:
+    """The cost model of the model the shards were made for (ShardSet.processor_name; default shape: Qwen3-VL-2B)."""
     from shared.presets import PresetError
 
-    name = processor_identity.get("preset") or processor_identity.get("name_or_path")
     try:
         return FlopsModel.for_model(name) if name else FlopsModel()
     except (PresetError, OSError, KeyError):
@@ -174,7 +173,7 @@ class PackedLoader:
                 f"{cfg.global_batch_size} with drop_last: lower train.global_batch_size (--set train.global_batch_size=N)"
             )
         self.spec = PackingSpec.from_processor_identity(self.shard_set.processor, cfg.pad_to_multiple_of)
-        self.flops = flops if flops is not None else flops_model_for(self.shard_set.processor)
+        self.flops = flops if flops is not None else flops_model_for(self.shard_set.processor_name)
         self.pin_memory = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
         self._epoch, self._step = 0, 0
         self._plans: dict[int, EpochPlan] = {}

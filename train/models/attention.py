@@ -4,18 +4,18 @@ A packed micro-batch is one sequence of several whole samples laid end to end; `
 where each sample starts. Attention must never cross a boundary, so every kernel here takes
 `[total_tokens, heads, head_dim]` tensors plus `cu_seqlens` and attends inside each segment only.
 
-Backends, picked per call by what is available (`select_backend`):
+Backends, picked per call by what is available (`select_backend`), unless `train.attention_backend` names one
+(the engines pass it to `set_backend`):
 
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
-- ``aten_flash`` (opt-in, GEO3K_ATTN_BACKEND=aten_flash): the same flash kernels as ``torch_varlen``, called
-  from a plain `autograd.Function`, with FlashAttention-2's own grouped-query attention and `is_causal`. On an
-  H200 it cut the host time of an LLM layer's attention from 0.98 to 0.22 ms (same outputs) but not the step
-  time (docs/validation/host-bound-h200-2026-11-26.md), so the public `varlen_attn` stays the default: aten's
-  underscore ops may change between PyTorch releases.
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
+
+aten's flash ops called from a plain `autograd.Function` (what `varlen_attn` wraps) cut an H200 LLM layer's
+attention host time from 0.98 to 0.22 ms but not the step time (docs/validation/host-bound-h200-2026-11-26.md),
+so there is no such backend: the public `varlen_attn` is what PyTorch keeps stable.
 
 The same function serves the language model (causal) and the vision encoder (non-causal, one segment
 per image or per attention window). `VarlenCoreAttention` plugs it into Megatron-Core's module specs as
@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
 
+from shared.config import ConfigError
 from train.models import fused
 
-BACKENDS = ("flash_attn", "torch_varlen", "aten_flash", "sdpa")
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
-# Forces one backend (e.g. GEO3K_ATTN_BACKEND=sdpa) to compare kernels or to work around a broken one.
-_FORCE_ENV = "GEO3K_ATTN_BACKEND"
+# One backend for every call (train.attention_backend), to compare kernels or to work around a broken one;
+# None picks the fastest available per call.
+_forced: str | None = None
 
 
 @functools.cache
@@ -72,25 +73,40 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("flash_attn")
         if _TORCH_VARLEN is not None:
             names.append("torch_varlen")
-        names.append("aten_flash")  # only when forced: no faster step than torch_varlen (module docstring)
     names.append("sdpa")
     return names
 
 
-# Evaluated once when a compiled layer is traced (the result is a constant of the graph): it reads the
-# environment and imports flash-attn lazily, neither of which Dynamo traces.
+def set_backend(name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """Use backend `name` for every call from now on, or "auto" for the fastest available (train.attention_backend).
+    Given the device and dtype the model runs in, a backend that cannot run them is refused here, not at the first
+    forward. Call it before layers are compiled: a compiled graph keeps the backend it was traced with."""
+    global _forced
+    if name != "auto" and name not in BACKENDS:
+        raise ConfigError(f"train.attention_backend: {name!r} is unknown; write auto or one of {', '.join(BACKENDS)}")
+    forced = None if name == "auto" else name
+    if forced and device is not None and dtype is not None and forced not in available_backends(device, dtype):
+        raise _unavailable(forced, device, dtype)
+    _forced = forced
+
+
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> ConfigError:
+    return ConfigError(
+        f"train.attention_backend: {name} cannot run {str(dtype).removeprefix('torch.')} tensors on {device.type}; "
+        f"available here: {', '.join(available_backends(device, dtype))}. Set it to auto to pick automatically."
+    )
+
+
+# Evaluated once when a compiled layer is traced (the result is a constant of the graph): it imports
+# flash-attn lazily, which Dynamo does not trace.
 @torch.compiler.assume_constant_result
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
-    forced = os.environ.get(_FORCE_ENV)
     names = available_backends(device, dtype)
-    if forced:
-        if forced not in names:
-            raise ValueError(
-                f"{_FORCE_ENV}={forced} cannot run {dtype} tensors on {device}; available here: {names}. "
-                f"Unset {_FORCE_ENV} to pick automatically."
-            )
-        return forced
-    return names[0]
+    if _forced is None:
+        return names[0]
+    if _forced not in names:
+        raise _unavailable(_forced, device, dtype)
+    return _forced
 
 
 def varlen_attention(
@@ -121,8 +137,6 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
         )
-    if backend == "aten_flash":
-        return _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "torch_varlen":
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
@@ -145,7 +159,7 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
     if "scale" in params:
         kwargs["scale"] = softmax_scale
     elif abs(softmax_scale - q.shape[-1] ** -0.5) > 1e-12:
-        raise ValueError("this PyTorch's varlen_attn has no `scale`; set GEO3K_ATTN_BACKEND=sdpa")
+        raise ValueError("this PyTorch's varlen_attn has no `scale`; set train.attention_backend=sdpa")
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
@@ -158,46 +172,6 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
             # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
             kwargs["window_size"] = (-1, 0)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-
-
-# FlashAttention-2 (what aten's flash ops are) takes fewer key/value heads than query heads itself and sums the
-# gradients of a kv head's query group inside its backward; "expand" hands it one kv head per query head, as
-# the torch_varlen path must. Both are checked against SDPA on the GPU by bench/validate_megatron_gpu.py.
-_ATEN_GQA_ENV = "GEO3K_ATEN_FLASH_GQA"
-
-
-def _aten_native_gqa() -> bool:
-    mode = os.environ.get(_ATEN_GQA_ENV, "native")
-    if mode not in ("native", "expand"):
-        raise ValueError(f"{_ATEN_GQA_ENV}={mode}: choose native (the kernel's own GQA) or expand")
-    return mode == "native"
-
-
-class _AtenFlashVarlen(torch.autograd.Function):
-    """aten's flash varlen forward/backward (what `varlen_attn` wraps) with a lean autograd node."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-        ctx.rep = 1 if _aten_native_gqa() else q.shape[1] // k.shape[1]
-        if ctx.rep > 1:
-            k, v = _repeat_kv(k, v, ctx.rep)
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng, unused)
-        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, ctx.causal,
-            rng, unused, scale=ctx.scale,
-        )
-        if ctx.rep > 1:  # the expanded heads' gradients sum back onto their kv head
-            dk, dv = (t.view(t.shape[0], -1, ctx.rep, t.shape[2]).sum(2) for t in (dk, dv))
-        return dq, dk, dv, None, None, None, None
 
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):

@@ -8,7 +8,7 @@ backward (Inductor generates the backward through AOTAutograd), at the cost of a
 (seconds; the token dimension is dynamic, so each new packed length reuses it).
 
 The functions are the reference arithmetic of transformers' Qwen models; on CPU, in float32, or with
-GEO3K_FUSED=0 they run eagerly and give exactly the unfused results (the CPU tests compare against
+train.fused_kernels=false they run eagerly and give exactly the unfused results (the CPU tests compare against
 transformers with that path). Compiled, Inductor keeps float32 inside the kernel and rounds once at
 the end, so bf16 outputs can differ from the eager ones by an ulp: the same size as the difference
 between any two bf16 implementations.
@@ -17,12 +17,10 @@ between any two bf16 implementations.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-_ENV = "GEO3K_FUSED"
-_enabled = os.environ.get(_ENV, "1") != "0"
+_enabled = True
 
 
 def set_enabled(on: bool) -> None:

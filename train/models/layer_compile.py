@@ -16,8 +16,8 @@ How it stays cheap to compile and correct:
 - Megatron-Core 0.16.1's RowParallelLinear passes `tp_group=None` and so calls `warnings.warn`
   (a DeprecationWarning) on every forward. Dynamo cannot trace `warnings.warn` and would split each layer
   in two there; inside compiled code it is replaced by a no-op below (eager code still warns).
-- The attention kernels are opaque custom ops to the compiler (`varlen_attn`) or plain aten ops
-  (`aten_flash`); the backend is chosen once when the graph is traced (attention.select_backend).
+- The attention kernels are opaque custom ops to the compiler (`varlen_attn`); the backend is chosen once
+  when the graph is traced (attention.select_backend).
 
 Applied by the Megatron engine on GPUs (`train.compile_layers`) where it was measured: dense layers whole,
 MoE layers' attention half, tensor-parallel size 1, no activation recomputation. Recomputation re-runs layers inside Megatron's

@@ -34,6 +34,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from shared.schema import IGNORE_INDEX
 from train.models import fused
 from train.models.attention import VarlenCoreAttention
 from train.models.experts import GroupedExperts
@@ -44,8 +45,6 @@ SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # Defaults of the transformers rotary classes when a config carries no mrope_section.
 _DEFAULT_MROPE_SECTION = {"qwen2_5_vl": [16, 24, 24], "qwen3_vl": [24, 20, 20], "qwen3_vl_moe": [24, 20, 20]}
-
-IGNORE_INDEX = -100
 
 
 def _check_model_type(hf_config) -> str:
