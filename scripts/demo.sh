@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, offline on a CPU in a few minutes (plus the set-up of .venv the first time):
 #   synthetic Geo3K-shaped data -> geo3k preprocess -> geo3k train (a tiny model from random weights, eval at
-#   steps 50 and 100) -> geo3k export -> transformers reloads the export and answers a test problem.
+#   steps 40 and 80) -> geo3k export -> transformers reloads the export and answers a test problem.
 #
 #   bash scripts/demo.sh
 #
@@ -14,6 +14,9 @@ SHARDS=data_shards/geo3k-demo
 RUN=runs/demo
 EXPORT=runs/demo-hf
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # presets and the packaged tokenizer: nothing to download
+# One thread per process: the tiny model's matrices are too small to gain from more, and on a busy machine a
+# second thread that waits for a core slows every step several-fold. Set OMP_NUM_THREADS to choose.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Megatron-Core's notices that Apex and Transformer Engine are absent (expected on a CPU) would bury the step lines
 export PYTHONWARNINGS="ignore:Transformer Engine and Apex:UserWarning,ignore:Apex is not installed:UserWarning,ignore:full scope is deprecated:UserWarning"
 
@@ -40,7 +43,7 @@ begin preprocess "geo3k preprocess: tokenize once into WebDataset shards -> $SHA
 $geo3k preprocess -c demo_data/pipeline.yaml
 $geo3k inspect $SHARDS/train
 
-begin train "geo3k train: tiny-qwen3-vl from random weights, 100 steps of 8 problems (examples/demo.yaml) -> $RUN/"
+begin train "geo3k train: tiny-qwen3-vl from random weights, 80 steps of 4 problems (examples/demo.yaml) -> $RUN/"
 $geo3k train -c examples/demo.yaml --overwrite
 
 begin export "geo3k export: the last checkpoint as a Hugging Face model folder -> $EXPORT/"
