@@ -64,17 +64,27 @@ def main() -> None:
                                budget=tc.max_tokens_per_gpu, world=world, pixel_dtype=dtype, use_cache=use_cache,
                                kv_cache_positions=positions)
 
+    phases = {"prefill": 0.0, "decode": 0.0}
+    for name in phases:  # the cached path's time by phase (synchronised: the decode loop syncs each step anyway)
+        def timed_phase(*a, _name=name, _fn=getattr(engine, name), **k):
+            out, seconds = timed(lambda: _fn(*a, **k))
+            phases[_name] += seconds
+            return out
+        setattr(engine, name, timed_phase)
+
     with engine.evaluating():
         generate(True, prompts[:4])  # warm-up: CUDA context, kernels, allocator
         generate(False, prompts[:2])
         loss, loss_s = timed(lambda: eval_loss(engine, args.shards, data, world, dtype, image_gain=True))
+        phases.update(prefill=0.0, decode=0.0)
         cached, cached_s = timed(lambda: generate(True))
         res = {
             "card": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "problems": len(prompts),
             "prompt_tokens": sum(p.num_tokens for p in prompts), "new_tokens": args.new_tokens,
             "kv_cache_positions": positions, "loss_s": round(loss_s, 2), "loss": loss["loss"],
             "image_gain": loss["image_gain"], "cached_generate_s": round(cached_s, 2),
-            "cached_eval_s": round(loss_s + cached_s, 2), "answers_per_s": round(len(prompts) / cached_s, 1),
+            "cached_eval_s": round(loss_s + cached_s, 2), "prefill_s": round(phases["prefill"], 2),
+            "decode_s": round(phases["decode"], 2), "answers_per_s": round(len(prompts) / cached_s, 1),
             "all_answers_full_length": all(len(g) == args.new_tokens for g in cached),
         }
         if cuda:

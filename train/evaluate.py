@@ -244,7 +244,7 @@ def shard_tokenizer(ss: ShardSet):
     """The tokenizer the shards were made with (to read generated answers)."""
     from shared.presets import load_processor
 
-    return load_processor(ss.processor.get("preset") or ss.processor["name_or_path"]).tokenizer
+    return load_processor(ss.processor_name).tokenizer
 
 
 # ---------------------------------------------------------------- geo3k eval

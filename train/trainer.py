@@ -698,7 +698,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16", warn=No
         state = merged_model_state(ckpt, hf_config)
     export_hf(state, hf_config, out, dtype=torch_dtype)
     cfg = from_dict(PipelineConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))
-    hf_config.torch_dtype = dtype
+    hf_config.dtype = dtype
     (Path(out) / "config.json").write_text(hf_config.to_json_string())
     proc = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
     proc.processor.save_pretrained(str(out))
