@@ -1,9 +1,9 @@
 """Training throughput of the trainer's engines on one GPU, on packed micro-batches of Geo3K-like samples.
 
     python3 bench/bench_throughput.py --shards .cache/gpu/geo3k-like-512 --steps 8 --warmup 4 --presets qwen3-vl-2b,qwen3-vl-4b \\
-        --variants megatron,megatron:compile_layers=false,fsdp      # on the GPU machine: bash bench/gpu_run.sh throughput
+        --variants megatron megatron:compile_layers=false fsdp      # on the GPU machine: bash bench/gpu_run.sh throughput
     .venv/bin/python bench/bench_throughput.py --shards .cache/bench/geo3k-like-512 --presets tiny-qwen3-vl --device cpu \\
-        --steps 2 --warmup 1 --global-batch-size 16 --variants megatron,fsdp --profile      # CPU smoke test of this script
+        --steps 2 --warmup 1 --global-batch-size 16 --variants megatron fsdp --profile      # CPU smoke test of this script
 
 Shards: `bench/bench_packing.py --make-shards 512` (86-636 tokens a sample, ~75% image tokens). Variants, random
 weights, build_loader's packed micro-batches (--global-batch-size samples a step, at most --max-tokens a
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="a split folder with manifest.json")
     p.add_argument("--presets", default="qwen3-vl-2b", help="comma list; the first gets every variant, the rest megatron only")
-    p.add_argument("--variants", default="megatron,fsdp", help="comma list of megatron, fsdp, ENGINE:key=value,...")
+    p.add_argument("--variants", nargs="+", default=["megatron", "fsdp"], help="megatron, fsdp or ENGINE:key=value,key=value")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, compiles, loader workers)")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget of a packed micro-batch")
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs\n# {' '.join(sys.argv)}")
     presets, results, t_all = args.presets.split(","), [], time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for preset, variant in [(p, v) for i, p in enumerate(presets) for v in args.variants.split(",") if i == 0 or v == "megatron"]:
+    for preset, variant in [(p, v) for i, p in enumerate(presets) for v in args.variants if i == 0 or v == "megatron"]:
         results.append(r := Result(preset, variant))
         print(f"\n## {preset} / {variant}  (t = {time.perf_counter() - t_all:.0f} s)", flush=True)
         label = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{preset}-{variant}")
