@@ -12,7 +12,7 @@ Backends, picked per call by what is available (`select_backend`):
 - ``aten_flash`` (opt-in, GEO3K_ATTN_BACKEND=aten_flash): the same flash kernels as ``torch_varlen``, called
   from a plain `autograd.Function`, with FlashAttention-2's own grouped-query attention and `is_causal`. On an
   H200 it cut the host time of an LLM layer's attention from 0.98 to 0.22 ms (same outputs) but not the step
-  time (docs/validation/host-bound-h200-2026-11-26.md), so the public `varlen_attn` stays the default: aten's
+  time (docs/performance.md, "What was tried"), so the public `varlen_attn` stays the default: aten's
   underscore ops may change between PyTorch releases.
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
@@ -132,7 +132,7 @@ def varlen_attention(
 
 def _repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [T, Hkv, D] -> [T, Hkv * rep, D], head h reading kv head h // rep. expand + reshape is one copy
-    kernel; `repeat_interleave` in its place made the H200 step 27% slower (docs/perf-notes.md)."""
+    kernel; `repeat_interleave` in its place made the H200 step 27% slower (docs/performance.md)."""
     def expand(t):
         return t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2])
 
