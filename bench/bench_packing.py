@@ -2,21 +2,16 @@
 
     .venv/bin/python bench/bench_packing.py                       # demo data + Geo3K-like shards, built once in .cache/bench
     .venv/bin/python bench/bench_packing.py --shards data_shards/geo3k/train   # add a real shard set
+    .venv/bin/python bench/bench_packing.py --make-shards 512     # only write .cache/bench/geo3k-like-512 (bench_throughput's)
 
-Two data sets: the demo data (`geo3k demo-data`, 512 train problems through the real Qwen3-VL-2B processor:
-short samples, ~190 tokens) and Geo3K-like shards (2101 samples like Geo3K's train split: 100-600 tokens,
-mostly image tokens, synthetic diagram-like patches that compress like the real ones).
-
-Fill ratio = real tokens / (micro-batches x 4096), for
-  packed, dp=1 / dp=8   the loader's plan: global batches of 128, FFD per rank, equal micro-batch counts
-  packed, one stream    the whole epoch packed at once (no step boundaries): the packing algorithm alone
-  padded                fixed micro-batches of b samples padded to their longest, b = floor(4096 / longest
-                        sample) so that every batch fits the budget (the usual fixed-batch-size fine-tune)
-and "of padded length" = real tokens / tokens actually computed (packed batches are not padded to the budget).
-
-Throughput: one process pinned to one core, one torch thread, `num_workers=0`, page cache warm; a micro-batch
-is read (pread), decoded (zstd), packed (ids, shifted labels, M-RoPE, cu_seqlens, uint8 patches) -- everything the
-workers do. Pixel normalisation happens on the GPU in training; its host cost is reported separately.
+Data: the demo data (`geo3k demo-data`, 512 train problems through the real Qwen3-VL-2B processor, ~190 tokens)
+and Geo3K-like shards (2101 samples shaped like Geo3K's train split: 100-600 tokens, mostly image tokens,
+diagram-like patches that compress like the real ones). Fill = real tokens / (micro-batches x 4096) for the
+loader's plan (global batches of 128, dp=1 and dp=8), for the whole epoch packed as one stream (the packing
+algorithm alone), and for padding (b = floor(4096 / longest sample) samples a batch, padded to their longest);
+"of padded length" = real tokens / tokens computed. Throughput: one process on one core, one torch thread,
+`num_workers=0`, page cache warm: read, zstd-decode and pack a micro-batch, all that a loader worker does (pixel
+normalisation runs on the GPU in training).
 """
 
 from __future__ import annotations
@@ -38,14 +33,10 @@ sys.path.insert(0, str(REPO))
 from shared.manifest import ShardSet, shard_name, write_index  # noqa: E402
 from shared.schema import Sample  # noqa: E402
 from train.data import DataConfig, SampleTable, build_loader, plan_epoch  # noqa: E402
-from train.data.packing import FlopsModel  # noqa: E402
 from train.data.reader import TarRecordReader  # noqa: E402
 
 BUDGET = 4096
 CACHE = REPO / ".cache" / "bench"
-
-
-# ---------------------------------------------------------------- data sets
 
 
 def demo_shard_set(num_train: int) -> Path:
@@ -84,29 +75,26 @@ def geo3k_like_shard_set(template: Path, n: int = 2101) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     tmpl = ShardSet(template)
-    ids = tmpl.processor["special_ids"]
-    ps = tmpl.pixel_spec
+    ids, ps = tmpl.processor["special_ids"], tmpl.pixel_spec
     grids, text = geo3k_like_lengths(n)
     rng = np.random.default_rng(1)
-    rows, shards, per_shard = [], [], 256
-    for s0 in range(0, n, per_shard):
+    rows, shards = [], []
+    for s0 in range(0, n, 256):
         name = shard_name(len(shards))
         w = ShardWriter(out / name, zstd_level=10)
-        for i in range(s0, min(n, s0 + per_shard)):
+        for i in range(s0, min(n, s0 + 256)):
             gh, gw = (int(x) for x in grids[i])
             n_img = gh * gw
-            prompt = rng.integers(1000, 100000, int(text[i]) - 12)
-            answer = rng.integers(1000, 100000, 6)
-            input_ids = np.concatenate(
-                [[ids["im_start"], 872, 198, ids["vision_start"]], np.full(n_img, ids["image_pad"]), [ids["vision_end"]], prompt,
-                 [ids["im_end"], 198, ids["im_start"], 77091, 198], answer, [ids["im_end"]]]
-            ).astype(np.int32)
+            prompt, answer = rng.integers(1000, 100000, int(text[i]) - 12), rng.integers(1000, 100000, 6)
+            input_ids = np.concatenate([[ids["im_start"], 872, 198, ids["vision_start"]], np.full(n_img, ids["image_pad"]),
+                                        [ids["vision_end"]], prompt, [ids["im_end"], 198, ids["im_start"], 77091, 198], answer,
+                                        [ids["im_end"]]]).astype(np.int32)
             loss_mask = np.zeros(input_ids.size, np.uint8)
-            loss_mask[-7:] = 1
+            loss_mask[-7:] = 1  # the answer and its <|im_end|>
             # diagram-like pixels: white page, sparse dark strokes (compresses like the real diagrams)
             patches = np.full((n_img * 4, 3, ps.patch_size, ps.patch_size), 255, np.uint8)
             ink = rng.random(patches.shape[:1] + patches.shape[2:]) < 0.03
-            patches[:, :, :, :][np.broadcast_to(ink[:, None], patches.shape)] = 30
+            patches[np.broadcast_to(ink[:, None], patches.shape)] = 30
             key = f"{i:08d}"
             w.write(Sample(key, input_ids, loss_mask, np.array([[1, 2 * gh, 2 * gw]], np.int32), patches, {"synthetic": True}))
             rows.append(dict(key=key, shard=name, row=i, num_tokens=int(input_ids.size), num_image_tokens=n_img,
@@ -114,12 +102,9 @@ def geo3k_like_shard_set(template: Path, n: int = 2101) -> Path:
         w.close()
         shards.append({"name": name, "samples": w.num_samples})
     write_index(out / "index.parquet", rows)
-    manifest = {"format_version": 1, "fingerprint": "geo3k-like-synthetic", "processor": tmpl.processor, "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "fingerprint": "geo3k-like-synthetic",
+                                                   "processor": tmpl.processor, "shards": shards}))
     return out
-
-
-# ---------------------------------------------------------------- fill
 
 
 def packed_fill(table: SampleTable, dp_size: int, gbs: int) -> tuple[float, float]:
@@ -140,116 +125,70 @@ def padded_fill(table: SampleTable, seed: int = 0) -> tuple[float, float, int, i
     return real / (lens.shape[0] * BUDGET), real / computed, lens.shape[0], b
 
 
-def rank_imbalance(table: SampleTable, dp_size: int) -> float:
-    flops = FlopsModel()
-    cost = flops.sample_flops(table.num_tokens, table.num_patches, table.num_images)
-    worst = []
-    for st in plan_epoch(table, DataConfig(), 0, dp_size, flops).steps:
-        loads = [sum(cost[i] for mb in r for i in mb) for r in st.micro_batches]
-        worst.append(max(loads) / np.mean(loads))
-    return float(np.mean(worst))
-
-
-# ---------------------------------------------------------------- throughput
-
-
 def packed_rate(shards: Path, seconds: float) -> dict:
-    loader = build_loader(shards, DataConfig(max_tokens_per_gpu=BUDGET, num_workers=0, num_epochs=50, drop_last=True))
-    n_mb = tokens = patches = 0
-    it = iter(loader)
+    it = iter(build_loader(shards, DataConfig(max_tokens_per_gpu=BUDGET, num_workers=0, num_epochs=50, drop_last=True)))
     next(it)  # warm the page cache and the tar offset tables
+    n_mb = tokens = patches = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for mb in next(it).micro_batches:
-            n_mb += 1
-            tokens += mb.num_real_tokens
-            patches += mb.num_patches
+        mbs = next(it).micro_batches
+        n_mb, tokens, patches = n_mb + len(mbs), tokens + sum(mb.num_real_tokens for mb in mbs), patches + sum(mb.num_patches for mb in mbs)
     dt = time.perf_counter() - t0
-    # the host cost that normalising on the GPU avoids (uint8 -> float32 [N, C*Tp*P*P]), on a few micro-batches
-    sample = next(it).micro_batches[:4]
-    t = time.perf_counter()
-    for mb in sample:
-        mb.pixel_values
-    norm = (time.perf_counter() - t) / len(sample)
-    return {"mb_s": n_mb / dt, "tok_s": tokens / dt, "ms_mb": 1e3 * dt / n_mb, "norm_ms_mb": 1e3 * norm,
-            "patches_mb": patches / n_mb, "tokens_mb": tokens / n_mb}
+    return {"mb_s": n_mb / dt, "tok_s": tokens / dt, "ms_mb": 1e3 * dt / n_mb, "patches_mb": patches / n_mb, "tokens_mb": tokens / n_mb}
 
 
 def padded_rate(shards: Path, seconds: float) -> dict:
-    """The same records through a padding collate: [b, L] ids/labels/mask, uint8 patches concatenated."""
+    """The same records through a padding collate: [b, L] ids, shifted labels and mask; uint8 patches concatenated."""
     ss = ShardSet(shards)
-    table = SampleTable.from_shard_set(ss)
-    reader = TarRecordReader(ss.root)
+    table, reader = SampleTable.from_shard_set(ss), TarRecordReader(ss.root)
     b = BUDGET // int(table.num_tokens.max())
     order = np.random.default_rng(0).permutation(len(table))
-    n_mb = tokens = 0
+    n_mb = tokens = at = 0
     t0 = time.perf_counter()
-    at = 0
     while time.perf_counter() - t0 < seconds:
-        rows = order[at : at + b] if at + b <= len(order) else order[:b]
+        samples = [reader.read(table.shards[r], table.keys[r]) for r in order[at : at + b]]
         at = (at + b) % (len(order) - b)
-        samples = [reader.read(table.shards[r], table.keys[r]) for r in rows]
-        L = max(s.num_tokens for s in samples)
-        ids = torch.full((b, L), 0, dtype=torch.int64)
-        labels = torch.full((b, L), -100, dtype=torch.int64)
-        mask = torch.zeros((b, L), dtype=torch.bool)
+        length = max(s.num_tokens for s in samples)
+        ids, labels, mask = torch.zeros((b, length), dtype=torch.int64), torch.full((b, length), -100), torch.zeros((b, length), dtype=torch.bool)
         for j, s in enumerate(samples):
-            n = s.num_tokens
-            ids[j, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-            labels[j, : n - 1] = torch.from_numpy(np.where(s.loss_mask[1:] == 1, s.input_ids[1:], -100))
-            mask[j, :n] = True
+            ids[j, : s.num_tokens] = torch.from_numpy(s.input_ids.astype(np.int64))
+            labels[j, : s.num_tokens - 1] = torch.from_numpy(np.where(s.loss_mask[1:] == 1, s.input_ids[1:], -100))
+            mask[j, : s.num_tokens] = True
         torch.from_numpy(np.concatenate([s.patches for s in samples]))
-        n_mb += 1
-        tokens += sum(s.num_tokens for s in samples)
+        n_mb, tokens = n_mb + 1, tokens + sum(s.num_tokens for s in samples)
     dt = time.perf_counter() - t0
     return {"mb_s": n_mb / dt, "tok_s": tokens / dt, "b": b}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, action="append", default=[], help="extra shard set(s) to measure")
     ap.add_argument("--seconds", type=float, default=8.0, help="time per throughput measurement")
     ap.add_argument("--demo-samples", type=int, default=512)
+    ap.add_argument("--make-shards", type=int, metavar="N", help="only write N Geo3K-like samples to .cache/bench/geo3k-like-N")
     args = ap.parse_args()
-
     demo = demo_shard_set(args.demo_samples)
+    if args.make_shards:
+        return print(geo3k_like_shard_set(demo, args.make_shards))
     like = geo3k_like_shard_set(demo)
     sets = [("demo data", demo), ("Geo3K-like", like)] + [(str(p), p) for p in args.shards]
-
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     torch.set_num_threads(1)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, pinned to 1; torch {torch.__version__}; budget {BUDGET}\n")
-
-    print("## Fill ratio: real tokens / (micro-batches x budget)\n")
-    print("| data | samples | mean tokens | packed dp=1, GBS 128 (bound) | packed dp=8, GBS 128 (bound) | packed, one stream (bound) | padded (b) | padded, of padded length | packed, of padded length | dp=8 rank FLOPs max/mean |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, pinned to 1; torch {torch.__version__}; budget {BUDGET}")
+    print("\n## Fill ratio: real tokens / (micro-batches x budget)\n\n| data | samples | mean tokens | packed dp=1, GBS 128 (bound) "
+          "| packed dp=8, GBS 128 (bound) | packed, one stream (bound) | padded (b) | padded, of padded length | packed, of padded length |\n" + "|---" * 9 + "|")
     for name, path in sets:
         t = SampleTable.from_shard_set(ShardSet(path))
-        f1, b1 = packed_fill(t, 1, 128)
-        f8, b8 = packed_fill(t, 8, 128)
-        fs, bs = packed_fill(t, 1, len(t))
+        fills = [packed_fill(t, dp, gbs) for dp, gbs in ((1, 128), (8, 128), (1, len(t)))]
         fp, fpl, _, b = padded_fill(t)
-        imb = rank_imbalance(t, 8)
-        print(f"| {name} | {len(t)} | {t.num_tokens.mean():.0f} | {f1:.1%} ({b1:.1%}) | {f8:.1%} ({b8:.1%}) | {fs:.1%} ({bs:.1%}) | "
-              f"{fp:.1%} (b={b}) | {fpl:.1%} | 100% | {imb:.3f} |")
-
-    print("\n## Planning: plan_epoch (index only)\n")
-    t = SampleTable.from_shard_set(ShardSet(like))
-    for dp in (1, 8):
-        t0 = time.perf_counter()
-        plan = plan_epoch(t, DataConfig(), 0, dp)
-        dt = time.perf_counter() - t0
-        n = sum(st.num_micro_batches * dp for st in plan.steps)
-        print(f"- Geo3K-like, dp={dp}: {1e3 * dt:.1f} ms per epoch ({n / dt:,.0f} micro-batches planned/s)")
-
-    print("\n## Throughput, one core, num_workers=0\n")
-    print("| data | packed micro-batches/s | ms / micro-batch | real tokens / micro-batch | patches / micro-batch | real tokens/s | host pixel normalisation (not done: GPU side) ms / micro-batch | padded micro-batches/s (b) | padded real tokens/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| {name} | {len(t)} | {t.num_tokens.mean():.0f} | " + " | ".join(f"{f:.1%} ({bound:.1%})" for f, bound in fills)
+              + f" | {fp:.1%} (b={b}) | {fpl:.1%} | 100% |")
+    print("\n## Throughput, one core, num_workers=0\n\n| data | packed micro-batches/s | ms / micro-batch | real tokens / micro-batch "
+          "| patches / micro-batch | real tokens/s | padded micro-batches/s (b) | padded real tokens/s |\n" + "|---" * 8 + "|")
     for name, path in sets:
-        p = packed_rate(path, args.seconds)
-        q = padded_rate(path, args.seconds)
-        print(f"| {name} | {p['mb_s']:.1f} | {p['ms_mb']:.1f} | {p['tokens_mb']:.0f} | {p['patches_mb']:.0f} | {p['tok_s']:,.0f} | "
-              f"{p['norm_ms_mb']:.1f} | {q['mb_s']:.1f} (b={q['b']}) | {q['tok_s']:,.0f} |")
+        p, q = packed_rate(path, args.seconds), padded_rate(path, args.seconds)
+        print(f"| {name} | {p['mb_s']:.1f} | {p['ms_mb']:.1f} | {p['tokens_mb']:.0f} | {p['patches_mb']:.0f} | {p['tok_s']:,.0f} "
+              f"| {q['mb_s']:.1f} (b={q['b']}) | {q['tok_s']:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,15 @@
 """Preprocess throughput and bytes per sample: geo3k's shards vs the naive way, and scaling with workers.
 
-    .venv/bin/python bench/bench_preprocess.py --samples 2000 --out /tmp/geo3k-bench
-    .venv/bin/python bench/bench_preprocess.py --samples 4000 --naive-samples 1000 --workers 1,2,4,8,16 --shard-size 64   # 16 cores
+    .venv/bin/python bench/bench_preprocess.py --samples 3000 --workers 1,2 --out /tmp/geo3k-bench
+    .venv/bin/python bench/bench_preprocess.py --samples 12000 --naive-samples 1000 --workers 1,2,4,8,16 --shard-size 64   # 16 cores
 
-The naive way: load the processor, loop over the rows, call `processor.apply_chat_template(..., tokenize=True)`
-per row and save `input_ids` and the float32 `pixel_values` as .npy files. geo3k: `run_preprocess` with each
-worker count of `--workers` (it also computes the loss mask, checks one row in 64 against the full processor,
-compresses and writes tars and the manifest). Both read the same demo parquet with file:// image URLs, so no
-network time is measured; the processor is loaded before either clock starts. Prints a Markdown table for
-BENCHMARKS.md: samples/s, samples/s per worker process, and samples per CPU-second of this process (the fair
-"per core" figure: the naive way's torch uses more than one core for resizing, geo3k's worker one).
-
-`--variant naive` or `--variant geo3k` runs one side only (to time each as a whole process from outside);
-`--data DIR` reuses demo data made by an earlier run instead of drawing it again.
+The naive way: loop over the rows, `processor.apply_chat_template(..., tokenize=True)` per row, save `input_ids`,
+`image_grid_thw` and the float32 `pixel_values` as .npy files. geo3k: `run_preprocess` with each worker count of
+--workers (loss mask, one row in 64 checked against the full processor, zstd, tars, manifest). Both read the same
+demo parquet with file:// image URLs (no network time); the processor is loaded before either clock starts.
+Samples per CPU-second of this process is the fair "per core" figure (the naive way's torch resizes on several
+cores, a geo3k worker uses one). `--variant naive|geo3k` runs one side only, to time each as a whole process from
+outside; `--data DIR` reuses the demo data of an earlier run.
 """
 
 from __future__ import annotations
@@ -62,17 +59,8 @@ def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int,
 
 
 def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size: int) -> tuple[float, int, int, float | None]:
-    cfg = load_config(
-        None,
-        [
-            f"shards.output_dir={out}",
-            f"shards.samples_per_shard={shard_size}",
-            f"preprocess.workers={workers}",
-            "preprocess.fetch.cache_dir=null",
-            f"model.name_or_path={model}",
-            f"source.max_rows={limit}",
-        ],
-    )
+    cfg = load_config(None, [f"shards.output_dir={out}", f"shards.samples_per_shard={shard_size}", f"preprocess.workers={workers}",
+                             "preprocess.fetch.cache_dir=null", f"model.name_or_path={model}", f"source.max_rows={limit}"])
     cfg.source.files = {"train": str(data / "train.parquet")}
     cfg.source.splits = ["train"]
     c0 = time.process_time()
@@ -85,15 +73,15 @@ def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo3k-bench"))
-    ap.add_argument("--data", type=Path, default=None, help="Demo data folder to reuse (default: drawn into OUT/data).")
+    ap.add_argument("--data", type=Path, default=None, help="demo data folder to reuse (default: drawn into OUT/data)")
     ap.add_argument("--model", default="qwen3-vl-2b")
     ap.add_argument("--variant", choices=["all", "naive", "geo3k"], default="all")
-    ap.add_argument("--naive-samples", type=int, default=None, help="Rows for the naive way (default: --samples); it writes ~4 MB a row.")
-    ap.add_argument("--workers", default=None, help="Comma-separated geo3k worker counts (default: 1 and all cores).")
-    ap.add_argument("--shard-size", type=int, default=256, help="shards.samples_per_shard (smaller spreads a split over more workers).")
+    ap.add_argument("--naive-samples", type=int, default=None, help="rows for the naive way (default: --samples; ~4 MB a row)")
+    ap.add_argument("--workers", default=None, help="comma list of geo3k worker counts (default: 1 and all cores)")
+    ap.add_argument("--shard-size", type=int, default=256, help="shards.samples_per_shard (smaller spreads a split over more workers)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     counts = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
@@ -113,28 +101,22 @@ def main() -> None:
     if args.variant in ("all", "naive"):
         results["naive (1 process)"] = (*naive(data / "train.parquet", args.out / "naive", args.model, args.naive_samples or args.samples), 1)
         shutil.rmtree(args.out / "naive", ignore_errors=True)  # ~4 MB a row, only written to be timed
-    if args.variant in ("all", "geo3k"):
-        for n in counts:
-            label = f"geo3k, {n} worker{'s' if n > 1 else ''}"
-            results[label] = (*ours(data, args.out / f"ours{n}", n, args.model, args.samples, args.shard_size), n)
+    for n in counts if args.variant in ("all", "geo3k") else []:
+        results[f"geo3k, {n} worker{'s' if n > 1 else ''}"] = (*ours(data, args.out / f"ours{n}", n, args.model, args.samples, args.shard_size), n)
 
-    base = results.get("naive (1 process)")
-    base_rate = base[1] / base[0] if base else None
-    base_cpu_rate = base[1] / base[3] if base else None
-    base_bytes = base[2] / base[1] if base else None
+    base = results.get("naive (1 process)")  # (seconds, samples, bytes, CPU seconds, processes)
     one = next((v for k, v in results.items() if k.startswith("geo3k")), None)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {cores} cores; model {args.model}; {args.samples} demo samples\n")
-    print("| variant | seconds | samples/s | samples/s per core | vs naive (per core) | samples per CPU-second | vs naive (CPU) | scaling vs first geo3k row | bytes/sample |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | seconds | samples/s | samples/s per core | vs naive (per core) | samples per CPU-second | vs naive (CPU) "
+          "| scaling vs first geo3k row | bytes/sample |\n" + "|---" * 9 + "|")
     for name, (sec, n, nbytes, cpu, procs) in results.items():
         rate = n / sec
-        vs = f"{rate / procs / base_rate:.2f}x" if base_rate else "-"
-        cpu_rate = f"{n / cpu:.1f}" if cpu else "-"
-        vs_cpu = f"{n / cpu / base_cpu_rate:.2f}x" if cpu and base_cpu_rate else "-"
+        vs = f"{rate / procs / (base[1] / base[0]):.2f}x" if base else "-"
+        vs_cpu = f"{n / cpu / (base[1] / base[3]):.2f}x" if cpu and base else "-"
         scale = f"{rate / (one[1] / one[0]):.2f}x" if one and not name.startswith("naive") else "-"
-        print(f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {vs} | {cpu_rate} | {vs_cpu} | {scale} | {nbytes / n:,.0f} |")
-    if base_bytes and one:
-        print(f"\nbytes per sample: naive {base_bytes:,.0f}, geo3k {one[2] / one[1]:,.0f} ({base_bytes / (one[2] / one[1]):.0f}x smaller)")
+        print(f"| {name} | {sec:.1f} | {rate:.1f} | {rate / procs:.1f} | {vs} | {f'{n / cpu:.1f}' if cpu else '-'} | {vs_cpu} | {scale} | {nbytes / n:,.0f} |")
+    if base and one:
+        print(f"\nbytes per sample: naive {base[2] / base[1]:,.0f}, geo3k {one[2] / one[1]:,.0f} ({base[2] / base[1] / (one[2] / one[1]):.0f}x smaller)")
     (args.out / "results.json").write_text(json.dumps({k: list(v) for k, v in results.items()}, indent=2))
 
 

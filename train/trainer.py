@@ -58,7 +58,7 @@ from train.data.packing import steps_per_epoch
 from train.data.reader import verify_shards
 from train.distributed import World, barrier, destroy, init_distributed
 from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
-from train.flops import StepFlops, datasheet_peak_tflops, measure_peak_tflops
+from train.flops import Peaks, StepFlops
 from train.gc_policy import TrainingGC
 from train.metrics import MetricsLogger, read_history
 
@@ -362,11 +362,9 @@ class Trainer:
         self.loaded_step: int | None = None
         if resume_from is not None:
             self._load(resume_from)
-        self.flops = StepFlops.from_hf_config(self.hf_config)
         # the Megatron engine runs the LM head on every token under sequence parallelism, else at the loss positions
-        self.head_on_every_token = tc.backend == "megatron" and tc.sequence_parallel
-        self.peak_tflops, self.card = datasheet_peak_tflops(self.world.device)
-        self.measured_tflops = measure_peak_tflops(self.world.device)
+        self.flops = StepFlops.from_hf_config(self.hf_config, head_on_every_token=tc.backend == "megatron" and tc.sequence_parallel)
+        self.peaks = Peaks.of(self.world.device)
         self.logger = MetricsLogger(
             self.out_dir, self.world.is_main, wandb_project=tc.wandb_project, config=asdict(cfg),
             resume_step=self.step if resume_from is not None else None,
@@ -551,8 +549,7 @@ class Trainer:
             f"training {self.cfg.model.name_or_path} ({'random init' if tc.random_init else 'pretrained'}) on "
             f"{self.train_dir}: {self.loader.steps_per_epoch} steps/epoch x {tc.epochs} epochs, {self.total_steps} steps; "
             f"world {w.world_size} (tp {w.tp}, dp {w.dp}) on {dev.type}"
-            + (f"; {self.card}: MFU against its datasheet bf16 peak {self.peak_tflops:.0f} TFLOP/s" if self.peak_tflops else "")
-            + (f" (matmul measured at {self.measured_tflops:.0f})" if self.measured_tflops else "")
+            + f"; {self.peaks.describe()}"
         )
         t_start, start_step = time.perf_counter(), self.step
         last: dict[str, Any] = {}
@@ -573,11 +570,7 @@ class Trainer:
                     torch.cuda.reset_peak_memory_stats(dev)
                 lr = lr_at(self.step, self.total_steps, tc)
                 out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
-                flops = sum(
-                    self.flops.micro_batch(mb.cu_seqlens, mb.image_grid_thw, mb.num_real_tokens,
-                                           mb.num_tokens if self.head_on_every_token else mb.num_loss_tokens)
-                    for mb in gstep.micro_batches
-                )
+                flops = self.flops.step(gstep.micro_batches)
                 stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
                 if dist.is_initialized() and w.world_size > 1:
                     from megatron.core import parallel_state
@@ -596,8 +589,6 @@ class Trainer:
                         "Lower train.lr or check the data with `geo3k inspect --verify`"
                     )
                 tflops = float(stats[1]) / dt / 1e12 / w.tp  # each TP group computes one DP share
-                mfu = (tflops / w.dp) / self.peak_tflops if self.peak_tflops else None
-                mfu_measured = (tflops / w.dp) / self.measured_tflops if self.measured_tflops else None
                 last = {
                     "loss": loss,
                     "lr": lr,
@@ -607,8 +598,7 @@ class Trainer:
                     "step_s": dt,
                     "data_wait_s": t_data,
                     "model_tflops_per_gpu": tflops / w.dp,
-                    "mfu": mfu,
-                    "mfu_vs_measured_peak": mfu_measured,
+                    **self.peaks.mfu(tflops / w.dp),  # mfu (datasheet peak) and mfu_measured_peak
                     "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                     "epoch": gstep.epoch,
                     **{k: v for k, v in out.items() if k.startswith("moe_")},

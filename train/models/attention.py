@@ -14,7 +14,7 @@ Backends, picked per call by what is available (`select_backend`), unless `train
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
 aten's flash ops called from a plain `autograd.Function` (what `varlen_attn` wraps) cut an H200 LLM layer's
-attention host time from 0.98 to 0.22 ms but not the step time (docs/validation/host-bound-h200-2026-11-26.md),
+attention host time from 0.98 to 0.22 ms but not the step time (docs/performance.md, "What was tried"),
 so there is no such backend: the public `varlen_attn` is what PyTorch keeps stable.
 
 The same function serves the language model (causal) and the vision encoder (non-causal, one segment
@@ -146,7 +146,7 @@ def varlen_attention(
 
 def _repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [T, Hkv, D] -> [T, Hkv * rep, D], head h reading kv head h // rep. expand + reshape is one copy
-    kernel; `repeat_interleave` in its place made the H200 step 27% slower (docs/perf-notes.md)."""
+    kernel; `repeat_interleave` in its place made the H200 step 27% slower (docs/performance.md)."""
     def expand(t):
         return t[:, :, None, :].expand(t.shape[0], t.shape[1], rep, t.shape[2]).reshape(t.shape[0], -1, t.shape[2])
 

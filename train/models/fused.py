@@ -2,7 +2,7 @@
 
 Why: written as plain PyTorch, one RMSNorm is ~8 kernels forward and ~14 backward (cast, square, mean,
 rsqrt, scale, cast back, weight), and RoPE another ~15 per layer for q and k. The Qwen3-VL-2B profile
-(docs/perf-notes.md) spent ~0.5 s of a 1.2 s step in such kernels and ~0.4 s more waiting on the CPU to
+(docs/performance.md) spent ~0.5 s of a 1.2 s step in such kernels and ~0.4 s more waiting on the CPU to
 launch ~25k of them. `torch.compile` turns each function below into one kernel forward and one or two
 backward (Inductor generates the backward through AOTAutograd), at the cost of a compile on first use
 (seconds; the token dimension is dynamic, so each new packed length reuses it).

@@ -1,7 +1,7 @@
 """Whole-layer `torch.compile`: each decoder layer of the language model and each block of the vision
 tower runs as one compiled graph forward and one backward.
 
-Why: on one GPU the Qwen3-VL-2B step is host-bound (docs/perf-notes.md, "Measured, third session"): the GPU
+Why: on one GPU the Qwen3-VL-2B step is host-bound (docs/performance.md, "Where the time goes"): the GPU
 runs a micro-batch's forward faster than Python launches it, op by op, through Megatron's layers and
 transformers' vision blocks. A compiled layer is one call into a graph whose element-wise work Inductor has
 fused between the matrix products, so the launching thread does a fraction of the work per layer.

@@ -75,7 +75,7 @@ class VisionTower(torch.nn.Module):
 def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """An asynchronous copy of a fresh host tensor. From pageable memory, CUDA stages copies of more than
     ~64 KB by first waiting for the stream to drain: the host then waits for the previous micro-batch's
-    backward and starts this forward with an empty GPU queue (found by bench/host_sampler.py on an H200).
+    backward and starts this forward with an empty GPU queue (found by sampling the host threads on an H200: docs/performance.md).
     From pinned memory (torch's caching host allocator, which keeps the block until the copy is done), the copy
     is queued and the host goes on launching."""
     if device.type != "cuda":

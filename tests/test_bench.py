@@ -1,0 +1,39 @@
+"""bench/: the throughput summary counts MFU against the datasheet peak, and compare_runs reports losses and scaling."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_throughput  # noqa: E402
+import compare_runs  # noqa: E402
+from train.flops import Peaks  # noqa: E402
+
+
+def test_throughput_summary_uses_the_datasheet_peak_and_the_measured_one_beside_it():
+    r = bench_throughput.Result("qwen3-vl-2b", "megatron", step_s=[1.0, 3.0], data_s=[0.01, 0.03],
+                                counts=[(20_000, 20_480, 300e12, 5), (20_000, 20_480, 300e12, 5)])
+    s = r.summary(Peaks("NVIDIA H200", 989.4, 775.0))
+    assert s["step_ms"] == 2000 and s["tokens_per_s"] == 10_000 and s["real_fraction"] == pytest.approx(20_000 / 20_480)
+    assert s["tflops"] == pytest.approx(150) and s["mfu"] == pytest.approx(150 / 989.4)
+    assert s["mfu_measured_peak"] == pytest.approx(150 / 775) and s["data_wait"] == pytest.approx(0.01)
+    failed = bench_throughput.Result("qwen3-vl-8b", "megatron", status="OOM")
+    table = bench_throughput.markdown_table([r, failed], Peaks("NVIDIA H200", 989.4, 775.0))
+    assert "| qwen3-vl-2b | megatron | ok | 2000 | 5.0 | 20,000 | 10,000 | 97.7% | 150 | 15.2% | 19.4% | 1.00% | - |" in table
+    assert "| qwen3-vl-8b | megatron | OOM | - |" in table
+
+
+def test_compare_runs_reports_loss_differences_and_scaling(tmp_path, monkeypatch, capsys):
+    for name, tps, losses in (("one", 100, [2.0, 1.5, 1.2]), ("dp2", 190, [2.0, 1.5, 1.212])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "train", "step": i + 1, "loss": x, "tokens_per_s": tps, "mfu": 0.2}) + "\n" for i, x in enumerate(losses)))
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(tmp_path), "one", "dp2:2", "missing"])
+    compare_runs.main()
+    out = capsys.readouterr().out
+    assert "| 3 | 1.2000 | 1.2120 |  |" in out
+    assert "| dp2 | 2 | 3 | 1.00e-02 | 190 | 95.0% | 20.0% | 0.0 |" in out
+    assert "| missing | 1 | 0 | (no metrics) |" in out
