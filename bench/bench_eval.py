@@ -4,6 +4,10 @@ beside the uncached path (every new token re-runs the packed prompts), through t
 
     python bench/bench_eval.py --shards .cache/gpu/realshards/geo3k/test --preset qwen3-vl-2b --new-tokens 64
     python bench/bench_eval.py ... --uncached      # also the uncached path on the same prompts
+    python bench/bench_eval.py --make-shards .cache/gpu/real601   # the split: ten real Geo3K problems x 60 + 1
+
+The split is Geo3K's test size (601 problems) made of the ten real problems of the sample folder
+(GEO3K_SAMPLE_DIR, default ../shared/geo3k_sample), repeated: real diagrams, so real prompt lengths.
 
 Prints one JSON object: seconds of each part, answers/s, and how many answers the two paths agree on token for
 token (bf16: the cached decode's attention is another kernel than the packed forward's, so a near-tie can flip).
@@ -22,14 +26,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+def make_shards(out: Path, num: int = 601) -> Path:
+    import os
+    import shutil
+
+    from preprocess.pipeline import run_preprocess
+    from shared.config import load_config
+
+    src = Path(os.environ.get("GEO3K_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "geo3k_sample"))
+    rows = [json.loads(x) for x in (src / "problems.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src / "images", out / "images")
+    with open(out / "test.jsonl", "w") as f:
+        for i in range(num):
+            f.write(json.dumps({**rows[i % len(rows)], "id": 100_000 + i, "split": "test"}) + "\n")
+    cfg = load_config(None, [f"shards.output_dir={out / 'shards'}", "preprocess.fetch.cache_dir=", "source.image_key=image",
+                             f"source.image_root={out / 'images'}"])
+    cfg.source.files, cfg.source.splits = {"test": str(out / "test.jsonl")}, ["test"]
+    run_preprocess(cfg, progress=False)
+    shutil.rmtree(out / "images")
+    return out / "shards" / "geo3k" / "test"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", required=True, help="a test split folder")
+    ap.add_argument("--shards", help="a test split folder")
+    ap.add_argument("--make-shards", type=Path, help="write the 601-problem split under this folder, and stop")
     ap.add_argument("--preset", default="qwen3-vl-2b", help="random init from this preset")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-positions", type=int, default=None, help="default: train.eval_kv_cache_positions")
     ap.add_argument("--uncached", action="store_true", help="also time the uncached path")
     args = ap.parse_args()
+    if args.make_shards:
+        print(make_shards(args.make_shards))
+        return
 
     from shared.config import TrainConfig
     from shared.manifest import ShardSet

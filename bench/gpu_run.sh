@@ -10,11 +10,13 @@
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
 #   dense       2B and 4B, `geo3k train` 12 steps each on the demo shards: speed, MFU, peak memory beside the plan
+#   eval        bench_eval.py: Qwen3-VL-2B (random init) on 601 real-diagram problems, loss + 64-token answers, KV-cached
+#               and uncached; then `geo3k eval` of a tiny checkpoint on the GPU
 #   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
 #               exports compared, DP=2's and TP=2's step-5 checkpoints resumed on 1 GPU; the MoE cut with EP=2
 set -uo pipefail
 OUT=${OUT:-/tmp/geo3k-gpu} DATA=.cache/gpu
-SHARDS=$DATA/shards/geo3k-demo LIKE=$DATA/geo3k-like-512
+SHARDS=$DATA/shards/geo3k-demo LIKE=$DATA/geo3k-like-512 REAL=$DATA/real601/shards/geo3k/test
 mkdir -p "$OUT" && cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
@@ -27,6 +29,7 @@ if [ "${1:-}" = prepare ]; then
   $PY -m shared.cli preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards --set preprocess.fetch.cache_dir=null -q | tail -3
   rm -rf $DATA/demo/images
   $PY bench/bench_packing.py --make-shards 512 && cp -r .cache/bench/geo3k-like-512 $LIKE
+  $PY bench/bench_eval.py --make-shards $DATA/real601 | tail -1
   cp -r shared/presets/qwen3-vl-30b-a3b $DATA/qwen3-vl-30b-a3b-4l  # the same widths, 4 decoder layers
   $PY -c "import json; p = '$DATA/qwen3-vl-30b-a3b-4l/config.json'; c = json.load(open(p)); c['text_config']['num_hidden_layers'] = 4
 json.dump(c, open(p, 'w'), indent=2)"
@@ -102,6 +105,13 @@ for part in "$@"; do
     done
     $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-4b | tee "$OUT/dense-compare.md"
     ;;
+  eval)
+    timeout 420 $PY bench/bench_eval.py --shards $REAL --preset qwen3-vl-2b --new-tokens 64 --uncached > "$OUT/bench_eval.log" 2>&1
+    echo "== eval rc=$?"; grep '^{' "$OUT/bench_eval.log" | tee "$OUT/bench_eval.json"
+    $PY -c "from transformers import AutoModelForImageTextToText as A; from train.models import load_hf_config as c
+A.from_config(c('tiny-qwen3-vl')).save_pretrained('$W/tiny'); from shared.presets import load_processor as p; p('tiny-qwen3-vl').processor.save_pretrained('$W/tiny')"
+    timeout 150 $G3 eval $W/tiny --shards $REAL -c examples/tiny-cpu.yaml --set train.bf16=true --samples 64 --out "$OUT/eval.jsonl" 2>&1 | tail -7
+    ;;
   twogpu)
     # random Qwen3-VL-2B weights (seed 0) as an HF checkpoint: every layout starts from the same weights
     rm -rf $W/two-* $W/init-2b
@@ -125,7 +135,7 @@ load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
     train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
     $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
     ;;
-  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, twogpu)"; exit 2 ;;
+  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
   esac
 done
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)

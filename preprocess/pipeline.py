@@ -78,6 +78,8 @@ def fingerprint_inputs(cfg: PipelineConfig, src: Source, identity: dict[str, Any
     pre = to_dict(cfg.preprocess)
     pre.pop("workers")
     pre.pop("verify")
+    if not pre["train_final_newline"]:  # the default leaves the fingerprints of shards made before the option alone
+        pre.pop("train_final_newline")
     fetch = pre.pop("fetch")
     return {
         "format_version": FORMAT_VERSION,

@@ -11,7 +11,8 @@ the full processor (the pipeline checks a fixed sample of rows, or every row wit
 Loss mask: 1 on the assistant's answer tokens and its closing `<|im_end|>`, 0 everywhere else (system,
 user text, image pads, vision start/end, the `<|im_start|>assistant\\n` header). The template's newline after
 the final `<|im_end|>` is 0 too: it is formatting between turns, and generation stops at `<|im_end|>`,
-so the model never has to produce it.
+so the model never has to produce it. `preprocess.train_final_newline: true` sets it to 1 (the convention of
+slime, Megatron-Bridge, ms-swift, LLaMA-Factory and verl), so that loss values compare with theirs.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def _reference(full: str, images: list[Image.Image], proc: LoadedProcessor) -> t
 
 
 def encode(
-    messages: list[dict[str, Any]], images: list[Image.Image], proc: LoadedProcessor, max_tokens: int, check: bool = False
+    messages: list[dict[str, Any]], images: list[Image.Image], proc: LoadedProcessor, max_tokens: int, check: bool = False,
+    train_final_newline: bool = False,
 ) -> Encoded:
     """Token ids, loss mask, grid and uint8 patches of one conversation.
 
@@ -203,7 +205,8 @@ def encode(
     im_end = proc.identity["special_ids"]["im_end"]
     last_end = max(i for i, t in enumerate(completion) if t == im_end) if im_end in completion else n - 1
     mask = np.zeros(ids.shape[0], dtype=np.uint8)
-    mask[ids.shape[0] - n : ids.shape[0] - n + last_end + 1] = 1
+    end = n if train_final_newline else last_end + 1  # what follows the last <|im_end|>: the template's newline
+    mask[ids.shape[0] - n : ids.shape[0] - n + end] = 1
     return Encoded(ids.astype(np.int32), mask, grid, patches, checked=check, mismatch=mismatch)
 
 
@@ -223,7 +226,7 @@ def make_sample(
         raise Reject("missing-field", f"the problem text is {kind}")
     answer = answer_text(answer)
     messages = build_messages(problem, answer, len(images), cfg)
-    enc = encode(messages, images, proc, cfg.max_tokens, check=check)
+    enc = encode(messages, images, proc, cfg.max_tokens, check=check, train_final_newline=cfg.train_final_newline)
     image_token = proc.identity["special_ids"]["image_pad"]
     meta = {
         "row": row_index,

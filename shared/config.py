@@ -126,6 +126,10 @@ class PreprocessConfig:
     """The assistant turn; `{answer}` is replaced by the label, e.g. 'Answer: \\boxed{{{answer}}}'."""
     system_prompt: str | None = None
     """A system turn; None keeps the chat template's default (Qwen2.5-VL adds one, Qwen3-VL does not)."""
+    train_final_newline: bool = False
+    """Also put the newline after the answer's closing `<|im_end|>` in the loss mask: the convention of slime,
+    Megatron-Bridge, ms-swift, LLaMA-Factory and verl, to reproduce their loss values. Off (this project's
+    default): the answer and its `<|im_end|>` only, where generation stops. Changes the shards' fingerprint."""
     max_tokens: int = 4096
     """A sample longer than this is rejected with its length (never cut): it must fit one micro-batch."""
     workers: int = 0

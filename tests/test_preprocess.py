@@ -229,6 +229,24 @@ def test_changed_inputs_are_refused_and_force_rebuilds(demo_data, tmp_path):
     assert s.status == "written" and ShardSet(tmp_path / "geo3k" / "train").manifest["fingerprint_inputs"]["options"]["max_tokens"] == 2048
 
 
+def test_train_final_newline_adds_the_newline_after_im_end_and_changes_the_fingerprint(demo_data, tmp_path):
+    files = {"train": str(demo_data / "test.parquet")}
+    extra = {"shards.samples_per_shard": "4", "source.max_rows": "4"}
+    run_preprocess(make_config(tmp_path / "ours", files, **extra), progress=False)
+    run_preprocess(make_config(tmp_path / "peers", files, **extra, **{"preprocess.train_final_newline": "true"}), progress=False)
+    ours, peers = ShardSet(tmp_path / "ours" / "geo3k" / "train"), ShardSet(tmp_path / "peers" / "geo3k" / "train")
+    assert ours.fingerprint != peers.fingerprint
+    assert "train_final_newline" not in ours.manifest["fingerprint_inputs"]["options"]  # older shards keep theirs
+    tok = load_processor("qwen3-vl-2b").tokenizer
+    im_end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
+    for a, b in zip(ours.iter_samples(), peers.iter_samples()):
+        assert np.array_equal(a.input_ids, b.input_ids)
+        last = int(np.flatnonzero(a.loss_mask)[-1])
+        assert a.input_ids[last] == im_end and [int(a.input_ids[last + 1])] == newline and last + 2 == a.num_tokens
+        assert b.loss_mask[last + 1] == 1 and np.array_equal(b.loss_mask[: last + 1], a.loss_mask[: last + 1])
+        assert b.meta["num_loss_tokens"] == a.meta["num_loss_tokens"] + 1
+
+
 def test_output_is_byte_identical_across_worker_counts(demo_data, tmp_path):
     files = {"train": str(demo_data / "train.parquet")}
     one = make_config(tmp_path / "one", files, **{"shards.samples_per_shard": "12"})
