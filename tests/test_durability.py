@@ -47,7 +47,7 @@ def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """The `geo3k` entry point in this process: (exit code, stdout, stderr). For cases refused before training."""
-    from shared import cli as geo3k_cli
+    from geo3k import cli as geo3k_cli
 
     out, err = io.StringIO(), io.StringIO()
     old_argv, old_env = sys.argv, dict(os.environ)
@@ -69,7 +69,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
 def run_cli(*args: str, cwd: Path, preexec=None) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, whatever its exit code."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "geo3k", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, preexec_fn=preexec)
 
 
@@ -189,7 +189,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_and_says_so(base_ru
 def _kill_during_save(args: list[str], staging: Path, cwd: Path) -> None:
     """Start a training run and kill -9 it while it writes the checkpoint folder `staging`."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "geo3k", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

@@ -60,7 +60,7 @@ def test_eval_a_checkpoint_a_run_and_its_export(demo_shards, tiny_checkpoint, tm
 
 
 def test_eval_refuses_a_model_without_weights_before_loading_anything(demo_shards, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "eval", "tiny-qwen3-vl", "--shards", str(demo_shards / "test")],
+    proc = subprocess.run([sys.executable, "-m", "geo3k", "eval", "tiny-qwen3-vl", "--shards", str(demo_shards / "test")],
                           cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the preset 'tiny-qwen3-vl' has no pretrained weights")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from shared.cli import app
-from shared.inspection import MARK_CLOSE, MARK_OPEN, format_sample, pack_ffd, unpatchify, view_sample
+from geo3k.cli import app
+from geo3k.inspect import InspectError
+from geo3k.inspect.sample import MARK_CLOSE, MARK_OPEN, format_sample, unpatchify, view_sample
 from shared.manifest import ShardSet
 
 from tests.conftest import SAMPLE_DIR, make_config
@@ -44,39 +44,49 @@ def shard_set(request, demo_shards, sample_shards) -> Path:
     return {"demo-train": demo_shards / "train", "demo-test": demo_shards / "test", "sample": sample_shards}[request.param]
 
 
-# ---------------------------------------------------------------- packing
+# ---------------------------------------------------------------- batching: the training plan
 
 
-def _naive_ffd(lengths: list[int], budget: int) -> list[int]:
-    bins: list[int] = []
-    for n in sorted((x for x in lengths if x <= budget), reverse=True):
-        for i, used in enumerate(bins):
-            if used + n <= budget:
-                bins[i] += n
-                break
-        else:
-            bins.append(n)
-    return bins
+def _training_epoch(split: Path, dp_size: int = 1, **cfg) -> dict:
+    """Epoch 0 as the training loader plans it (DataConfig with the trainer's seed default, train.seed=1234)."""
+    from train.data import DataConfig, build_loader
+
+    steps = build_loader(split, DataConfig(num_workers=0, seed=1234, **cfg), 0, dp_size).plan(0).steps
+    return {
+        "steps": len(steps),
+        "micro_batches": sum(s.num_micro_batches for s in steps),
+        "packed_tokens": sum(s.num_tokens for s in steps),
+        "dropped": 0 if not steps else len(ShardSet(split).index()) - sum(s.num_samples for s in steps),
+        "max_samples_per_micro_batch": max(len(b) for s in steps for rank in s.micro_batches for b in rank),
+    }
 
 
-def test_pack_ffd_small_cases():
-    p = pack_ffd([3, 3, 2, 2, 2], 6)
-    assert (p.num_microbatches, p.fill_ratio, p.max_samples_per_microbatch) == (2, 1.0, 3)
-    p = pack_ffd([5, 9, 4], 8)  # 9 cannot fit at all
-    assert (p.num_microbatches, p.num_over_budget, p.num_packed_tokens) == (2, 1, 9)
-    assert pack_ffd([], 8).num_microbatches == 0
+def test_batching_is_the_training_loaders_plan(demo_shards):
+    split = demo_shards / "train"  # 48 samples
+    for gbs, nproc, budget in ((16, 1, 4096), (20, 2, 2048), (48, 4, 8192)):
+        args = ("--set", f"train.global_batch_size={gbs}", "--nproc", str(nproc), "--budget", str(budget))
+        b = inspect_json(split, *args)["batching"]
+        want = _training_epoch(split, nproc, max_tokens_per_gpu=budget, global_batch_size=gbs)
+        assert {k: b[k] for k in want} == want, (gbs, nproc, budget)
+        assert (b["budget"], b["global_batch_size"], b["data_parallel"], b["over_budget"]) == (budget, gbs, nproc, 0)
+        assert b["fill_ratio"] == pytest.approx(want["packed_tokens"] / (want["micro_batches"] * nproc * budget), abs=1e-4)
+        text = inspect(split, *args)
+        assert f"{b['micro_batches']} micro-batch" in text and f"{b['steps']} step" in text
+        assert (f"{b['dropped']} samples left out of the epoch by drop_last" in text) == bool(b["dropped"])
+    assert b["dropped"] == 0 and _training_epoch(split, 1, global_batch_size=20)["dropped"] == 8
 
 
-def test_pack_ffd_matches_a_naive_first_fit_decreasing():
-    rng = random.Random(0)
-    for _ in range(50):
-        budget = rng.randint(50, 500)
-        lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 300))]
-        bins = _naive_ffd(lengths, budget)
-        p = pack_ffd(lengths, budget)
-        assert p.num_microbatches == len(bins)
-        assert p.num_packed_tokens == sum(bins)
-        assert p.num_over_budget == sum(x > budget for x in lengths)
+def test_batching_counts_what_training_refuses(demo_shards, sample_shards):
+    text = inspect(sample_shards)  # 10 samples, train.global_batch_size 128 by default
+    assert "0 micro-batches per epoch: 10 samples, fewer than one global batch of 128" in text
+    assert "lower train.global_batch_size" in text
+    lengths = ShardSet(demo_shards / "train").index().column("num_tokens").to_pylist()
+    budget = sorted(lengths)[len(lengths) // 2]
+    b = inspect_json(demo_shards / "train", "--budget", str(budget), "--set", "train.global_batch_size=8")["batching"]
+    assert b["over_budget"] == sum(n > budget for n in lengths) > 0
+    assert "samples are longer than the budget: training refuses them" in inspect(demo_shards / "train", "--budget", str(budget))
+    with pytest.raises(InspectError, match="multiple of train.tensor_parallel=2"):
+        inspect(sample_shards, "--nproc", "3", "--set", "train.tensor_parallel=2")
 
 
 # ---------------------------------------------------------------- summary
@@ -101,18 +111,17 @@ def test_summary_counts_match_the_manifest(shard_set):
     assert d["processor"]["preset"] == m["processor"]["preset"]
     assert d["processor"]["chat_template_sha256"] == m["processor"]["chat_template_sha256"]
     b = d["batching"]
-    assert b["budget"] == 4096 and b["micro_batches"] == len(_naive_ffd(lengths, 4096))
-    assert b["fill_ratio"] == pytest.approx(sum(lengths) / (4096 * b["micro_batches"]), abs=1e-4)
+    assert b["budget"] == 4096 and b["global_batch_size"] == 128 and b["over_budget"] == 0
 
     text = inspect(shard_set)
     assert m["fingerprint"] in text
     assert f"samples      {d['samples']:,} of {m['counts']['rows']:,} source rows" in text
-    assert f"{b['micro_batches']} micro-batch" in text and "fill" in text
+    assert "  batching     4,096 tokens/GPU: 0 micro-batches per epoch" in text  # fewer samples than one global batch
 
 
 def test_summary_budget_changes_the_batching(demo_shards):
-    small = inspect_json(demo_shards / "train", "--budget", "320")["batching"]
-    large = inspect_json(demo_shards / "train", "--budget", "8192")["batching"]
+    small = inspect_json(demo_shards / "train", "--budget", "320", "--set", "train.global_batch_size=16")["batching"]
+    large = inspect_json(demo_shards / "train", "--budget", "8192", "--set", "train.global_batch_size=16")["batching"]
     assert small["budget"] == 320 and small["micro_batches"] > large["micro_batches"]
 
 
@@ -292,9 +301,21 @@ def test_plot_writes_a_png(demo_shards, tmp_path):
 
 
 def _geo3k(*args: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("geo3k")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from shared.cli import main; main()"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env={**os.environ, "GEO3K_DEBUG": ""}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "geo3k", *map(str, args)], capture_output=True, text=True, env={**os.environ, "GEO3K_DEBUG": ""}, timeout=120
+    )
+
+
+def test_the_geo3k_script_runs_the_cli():
+    """pyproject.toml's `geo3k` script is the main() that `python -m geo3k` runs."""
+    import importlib
+    import re
+
+    from geo3k import cli
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    module, name = re.search(r'^geo3k = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+    assert getattr(importlib.import_module(module), name) is cli.main
 
 
 def test_errors_are_one_line_with_exit_code_2(sample_shards, demo_shards, tmp_path):

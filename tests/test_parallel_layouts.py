@@ -168,7 +168,7 @@ def test_the_cli_refuses_before_starting_processes(demo_shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = train_args(demo_shards, Path("tiny-qwen3-vl"), tmp_path / "run", "--set", "train.random_init=true",
                       "--set", "train.tensor_parallel=2")
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "geo3k", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--nproc 2" in lines[0], proc.stderr

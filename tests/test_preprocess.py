@@ -270,7 +270,7 @@ def test_kill_9_resumes_without_redoing_finished_shards(demo_data, tmp_path):
         )
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "preprocess", "-c", str(cfg_file), "-q"], env=env, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "geo3k", "preprocess", "-c", str(cfg_file), "-q"], env=env, cwd=tmp_path)
     parts = out / "geo3k" / "train" / ".parts"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("0*.json"))) < 3:

@@ -172,7 +172,7 @@ def test_downloads_use_the_proxy_named_in_the_environment(tmp_path, monkeypatch)
 def _cli(cfg_file: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "preprocess", "-c", str(cfg_file), "-q", *args],
+        [sys.executable, "-m", "geo3k", "preprocess", "-c", str(cfg_file), "-q", *args],
         env=env, cwd=cfg_file.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

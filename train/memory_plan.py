@@ -34,6 +34,8 @@ ACTIVATION_OVERHEAD = 1.3
 """Peak over counted activations (calibrated, see the module docstring)."""
 WORKSPACE_BYTES = 2 * GIB
 """CUDA context, kernels and library workspaces."""
+H200_BYTES = 143_771 * 2**20
+"""What an H200 reports (torch.cuda.get_device_properties): the card `geo3k train --plan` prints a plan against."""
 
 
 @dataclass

@@ -699,6 +699,6 @@ def launch_with_torchrun(nproc: int, argv: list[str]) -> None:
     """Re-run this command under torchrun with nproc processes on this node (one per GPU)."""
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "shared.cli", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "geo3k", *argv]
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.execv(sys.executable, cmd)

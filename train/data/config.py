@@ -3,8 +3,9 @@
     cfg = DataConfig(max_tokens_per_gpu=4096, global_batch_size=128, num_epochs=3)
 
 The trainer builds it from pipeline.yaml's `train:` section (train/trainer.py: budget, patch cap, global batch,
-epochs, seed, workers; the tensor-parallel size as pad_to_multiple_of under sequence parallelism). The other
-knobs (balance, drop_last, prefetch, pin_memory) keep these defaults there; tests and benchmarks set them here.
+epochs, seed, workers; the tensor-parallel size as pad_to_multiple_of under sequence parallelism), and
+`DataConfig.from_train_config` sets the same fields for `geo3k inspect`'s batching estimate. The other knobs
+(balance, drop_last, prefetch, pin_memory) keep these defaults there; tests and benchmarks set them here.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def from_train_config(cls, tc) -> "DataConfig":
+        """The knobs pipeline.yaml's `train:` section sets (a shared.config.TrainConfig); the rest keep their defaults."""
+        return cls(
+            max_tokens_per_gpu=tc.max_tokens_per_gpu,
+            max_patches_per_gpu=tc.max_patches_per_micro_batch,
+            pad_to_multiple_of=tc.tensor_parallel if tc.sequence_parallel else 1,
+            global_batch_size=tc.global_batch_size,
+            num_epochs=tc.epochs,
+            seed=tc.seed,
+            num_workers=tc.num_workers,
+        )
 
     def validate(self, path: str = "train.data") -> "DataConfig":
         def need(cond: bool, name: str, msg: str) -> None:

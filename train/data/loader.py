@@ -57,7 +57,7 @@ from shared.manifest import ShardSet
 from shared.schema import RecordError
 from train.data.batch import PackedBatch, PackingSpec, pack_samples
 from train.data.config import DataConfig
-from train.data.packing import EpochPlan, FlopsModel, check_fits, plan_epoch, steps_per_epoch
+from train.data.packing import EpochPlan, FlopsModel, check_fits, flops_model_for, plan_epoch, steps_per_epoch
 from train.data.reader import SampleTable, ShardError, TarRecordReader, check_shard_files, expected_shards, rebuild_hint
 
 
@@ -127,16 +127,6 @@ class _MicroBatches(Dataset):
 
 def _as_is(x):
     return x
-
-
-def flops_model_for(name: str | None) -> FlopsModel:
-    """The cost model of the model the shards were made for (ShardSet.processor_name; default shape: Qwen3-VL-2B)."""
-    from shared.presets import PresetError
-
-    try:
-        return FlopsModel.for_model(name) if name else FlopsModel()
-    except (PresetError, OSError, KeyError):
-        return FlopsModel()  # an unknown local model: only the ratios matter, the default shape is close
 
 
 class PackedLoader:

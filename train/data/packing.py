@@ -116,6 +116,16 @@ class FlopsModel:
         return llm + vision
 
 
+def flops_model_for(name: str | None) -> FlopsModel:
+    """The cost model of the model the shards were made for (ShardSet.processor_name; default shape: Qwen3-VL-2B)."""
+    from shared.presets import PresetError
+
+    try:
+        return FlopsModel.for_model(name) if name else FlopsModel()
+    except (PresetError, OSError, KeyError):
+        return FlopsModel()  # an unknown local model: only the ratios matter, the default shape is close
+
+
 # ---------------------------------------------------------------- the pieces
 
 

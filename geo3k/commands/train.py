@@ -1,0 +1,86 @@
+"""`geo3k train`: train on preprocessed shards (the GPU stage, train/), or print its memory plan."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from geo3k.options import ConfigOpt, JsonOpt, NprocOpt, SetOpt, load_pipeline_config, relaunch
+
+
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in train.output_dir.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over in a train.output_dir that holds another run, deleting its checkpoints and metrics.")
+    ] = False,
+    allow_schedule_change: Annotated[
+        bool,
+        typer.Option("--allow-schedule-change", help="With --resume: continue although train_iters, epochs, lr or another schedule setting changed."),
+    ] = False,
+    nproc: NprocOpt = 1,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="megatron (default) or fsdp.")] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print the memory each GPU needs for this model and layout, and stop (no GPU needed).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train on preprocessed shards (never re-tokenizes).
+
+    Examples:
+
+      geo3k train
+
+      geo3k train -c demo_data/pipeline.yaml --set train.random_init=true --set train.global_batch_size=32
+
+      geo3k train --nproc 8 --set train.tensor_parallel=4 --set train.sequence_parallel=true
+
+      geo3k train --resume
+
+      geo3k train --overwrite --set train.output_dir=runs/geo3k
+
+      geo3k train --plan --nproc 8 --set model.name_or_path=qwen3-vl-30b-a3b --set train.expert_parallel=8
+
+    Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
+    -m geo3k train ...` on each node.
+    """
+    if resume and overwrite:
+        from shared.config import ConfigError
+
+        raise ConfigError("--resume continues the run in train.output_dir, --overwrite deletes it: pass one of them")
+    overrides = list(set_ or [])
+    if backend:
+        overrides.append(f"train.backend={backend}")
+    cfg, _ = load_pipeline_config(config, overrides)
+    if "RANK" not in os.environ:
+        from train.models.source import resolve_source
+        from train.trainer import check_layout
+
+        # the config the model will be built from: a checkpoint's own when weights are loaded
+        hf_config = resolve_source(cfg.model.name_or_path, pretrained=not cfg.train.random_init).hf_config
+        check_layout(cfg.train, hf_config, nproc)  # before any process starts
+        if plan:
+            from train.memory_plan import H200_BYTES
+            from train.trainer import memory_plan
+
+            p = memory_plan(cfg, hf_config, nproc)
+            if json_out:
+                print(json.dumps({**p.__dict__, "total": p.total}, indent=2))
+                return
+            print("\n".join(p.lines(H200_BYTES)))
+            if not p.fits(H200_BYTES):
+                from train.memory_plan import advice
+
+                print(f"  to fit: {advice(p, cfg.train, nproc, hf_config)}")
+            return
+    relaunch(nproc)
+    from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
+
+    result = run_training(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
+    if json_out and int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result, indent=2, default=str))
+
