@@ -34,7 +34,7 @@ def eval_loss(engine, shard_dir, spec_cfg: DataConfig, world, pixel_dtype, *, im
 
     With image_gain, the same loss again with every image blanked (the same grid, every pixel the processor's
     mean colour, which normalises to exactly 0), and `image_gain = loss_blank - loss`: how much the model's
-    answers depend on the diagrams. About 0 for random weights (nothing is read from any input yet); clearly
+    answers depend on the diagrams. Noise of either sign for random weights (any input change moves their loss); clearly
     positive for a model that reads the images; 0 exactly when pixels never reach the model."""
     ss = ShardSet(shard_dir)
     cfg = replace(spec_cfg, global_batch_size=ss.num_samples, drop_last=False, num_epochs=1, num_workers=0)

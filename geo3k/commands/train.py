@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -57,11 +58,19 @@ def train(
         overrides.append(f"train.backend={backend}")
     cfg, _ = load_pipeline_config(config, overrides)
     if "RANK" not in os.environ:
+        from shared.errors import UserError
         from train.models.source import resolve_source
         from train.trainer import check_layout
 
         # the config the model will be built from: a checkpoint's own when weights are loaded
-        hf_config = resolve_source(cfg.model.name_or_path, pretrained=not cfg.train.random_init).hf_config
+        try:
+            hf_config = resolve_source(cfg.model.name_or_path, pretrained=not cfg.train.random_init).hf_config
+        except UserError as e:
+            if not plan:
+                raise
+            # a plan needs no weights: the preset's transcription of the config will do
+            hf_config = resolve_source(cfg.model.name_or_path, pretrained=False).hf_config
+            print(f"note: {e}; planning with the preset's config", file=sys.stderr)
         check_layout(cfg.train, hf_config, nproc)  # before any process starts
         if plan:
             from train.memory_plan import H200_BYTES
