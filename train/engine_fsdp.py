@@ -23,7 +23,7 @@ Megatron-Core (an optional dependency).
               of the *global* batch), gradients summed (not averaged) over ranks: the step's gradient is that of
               the global per-token mean, as the Megatron backend's
     optimizer AdamW with Megatron's parameter groups (no decay on biases and 1-D weights), gradient clipping on
-              the global norm (DTensor-aware), the shared lr schedule
+              the global norm (DTensor-aware), the shared lr schedule (all in train/optim.py but the norm)
     ckpts     torch.distributed.checkpoint (DCP) of the model and optimizer state dicts, sharded per rank: a run
               resumes on any number of processes. `full_model_state` reads the model part back without a
               process group, for `geo3k export`
