@@ -88,17 +88,14 @@ def sync(device: torch.device) -> None:
 def run_variant(r: Result, variant: str, hf_config, args, world, profile_to: Path | None) -> None:
     """Build the engine with the variant's train.* settings, then time --warmup + --steps steps on fresh data."""
     from train.data import DataConfig, build_loader
+    from train.engine import build_engine
 
     name, _, settings = variant.partition(":")
     device = world.device
     sets = dict(backend=name, random_init="true", global_batch_size=args.global_batch_size, max_tokens_per_gpu=args.max_tokens,
                 bf16=device.type == "cuda", num_workers=2)
     tc = load_config(None, [f"train.{k}={v}" for k, v in sets.items()] + [f"train.{kv}" for kv in settings.split(",") if kv]).train
-    if name == "fsdp":
-        from train.engine_fsdp import FSDPEngine as Engine
-    else:
-        from train.engine_megatron import MegatronEngine as Engine
-    engine = Engine(hf_config, tc, world, init_from=None)
+    engine = build_engine(hf_config, tc, world, init_from=None)
     cfg = DataConfig(max_tokens_per_gpu=args.max_tokens, global_batch_size=args.global_batch_size, num_epochs=1000, num_workers=2)
     it = iter(build_loader(args.shards, cfg, world.dp_rank, world.dp))
     flops = StepFlops.from_hf_config(hf_config)  # one GPU, no sequence parallelism: the LM head at the loss positions

@@ -65,7 +65,7 @@ def run_variant(variant: str, hf_config, ckpt: str, mb_host, world, lines: list[
     with torch.no_grad():
         engine.model.eval()
         mg = engine.logits(mb)[:n].reshape(n, -1).float()
-        mg_loss = engine.forward(mb, labels=True).reshape(-1)[mb.loss_positions]
+        mg_loss = engine.per_token_loss(mb).reshape(-1)[mb.loss_positions]
         parts = hf_logits(hf, mb, hf_config.image_token_id, hf_config.vision_config.spatial_merge_size)
         ref = torch.cat(parts).float()
     ref_loss = torch.nn.functional.cross_entropy(ref[mb.loss_positions], mb.labels[mb.loss_positions], reduction="none")
@@ -85,7 +85,7 @@ def run_variant(variant: str, hf_config, ckpt: str, mb_host, world, lines: list[
         lines.append(f"compiled vs eager megatron: logits rel err {rel(mg, truth[variant.removesuffix('+compiled')]):.2e}")
     truth[variant] = mg.cpu()
     engine.model.train()  # backward: gradients exist and are finite all the way into the vision tower
-    engine.forward(mb, labels=True).sum().backward()
+    engine.per_token_loss(mb).sum().backward()
     # Megatron's DDP accumulates into main_grad on GPUs; the CPU path into .grad
     grads = {k: p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for k, p in engine.inner.named_parameters()}
     grad_norm = torch.stack([g.float().norm() for g in grads.values() if g is not None]).norm().item()

@@ -16,9 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("GEO3K_SAMPLE_DIR", REPO.parent / "shared" / "geo3k_sample"))
 
 
-def geo3k(*args: str, cwd: Path, threads: int = 2) -> subprocess.CompletedProcess:
-    """Run the real `geo3k` CLI in a subprocess (its own process group, as a user runs it); assert success."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+def geo3k(*args: str, cwd: Path, threads: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `geo3k` CLI in a subprocess (its own process group, as a user runs it); assert success.
+    `env`: variables to set on top of this process's (PYTHONPATH included)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "geo3k", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"geo3k {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -1,6 +1,7 @@
-"""Test-only helpers to run Megatron-Core models on CPU in one process (tests, not production).
+"""Test-only helpers to run the engines' models on CPU in one process (tests, not production).
 
-Megatron-Core expects torch.distributed and its parallel state to exist: a one-process gloo group and
+The FSDP engine needs a process group only: a one-process gloo group (`init_cpu_group`). Megatron-Core expects
+torch.distributed and its parallel state to exist: that group and
 `parallel_state.initialize_model_parallel(1, 1)`, plus what train/distributed.py's `megatron_on_cpu` does for
 every CPU training process (CPU buffers for collectives, the no-op RNG tracker, the all-to-all dispatcher's
 host-side split sizes).
@@ -21,14 +22,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_megatron_cpu() -> None:
-    """Idempotent: a world of one process (gloo) with every parallel size 1."""
-    from megatron.core import parallel_state
-
+def init_cpu_group() -> None:
+    """Idempotent: a world of one process (gloo), without Megatron-Core."""
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+def init_megatron_cpu() -> None:
+    """Idempotent: a world of one process (gloo) with every parallel size 1."""
+    from megatron.core import parallel_state
+
+    init_cpu_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     from train.distributed import megatron_on_cpu

@@ -17,13 +17,13 @@ from train.data import DataConfig
 
 def test_image_gain_is_zero_only_when_pixels_are_ignored(demo_shards, tmp_path):
     from shared.config import TrainConfig
-    from tests.megatron_cpu import init_megatron_cpu
+    from tests.megatron_cpu import init_cpu_group
     from train.distributed import World
     from train.engine_fsdp import FSDPEngine
     from train.evaluate import blank_images, eval_loss
     from train.models import load_hf_config
 
-    init_megatron_cpu()
+    init_cpu_group()
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, dp=1, dp_rank=0, tp_rank=0)
     engine = FSDPEngine(load_hf_config("tiny-qwen3-vl"), TrainConfig(bf16=False, seed=3), world, init_from=None)
     data = DataConfig(max_tokens_per_gpu=4096, global_batch_size=4)

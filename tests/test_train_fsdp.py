@@ -153,12 +153,12 @@ def test_packed_fsdp_forward_equals_transformers_per_sample(family, tmp_path):
 
     from shared.config import TrainConfig
     from tests import models_fixtures as fx
-    from tests.megatron_cpu import init_megatron_cpu
+    from tests.megatron_cpu import init_cpu_group
     from train.distributed import World
     from train.engine_fsdp import FSDPEngine
     from train.models.source import resolve_source
 
-    init_megatron_cpu()
+    init_cpu_group()
     torch.manual_seed(0)
     cfg, hf = fx.random_hf_model(family, seed=1, save_to=tmp_path)
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, dp=1, dp_rank=0, tp_rank=0)

@@ -1,4 +1,5 @@
-"""Process groups: the one place that starts torch.distributed and Megatron-Core's parallel state.
+"""Process groups: the one place that starts torch.distributed and (for the Megatron backend) Megatron-Core's
+parallel state. The FSDP backend needs no Megatron-Core: its world is one data-parallel group of all processes.
 
 `geo3k train` runs as one process per GPU (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK); a plain single
 process is a world of one. NCCL on GPUs, gloo on CPU. NVLink multicast stays off (NCCL_NVLS_ENABLE=0):
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,9 @@ class World:
     tp_rank: int
     ep: int = 1
     ep_rank: int = 0
+    dp_group: Any = None
+    """The data-parallel process group (the ranks that split the batch) for eval's and the logs' reductions;
+    None: the default group, every process a data-parallel rank."""
 
     @property
     def is_main(self) -> bool:
@@ -80,13 +86,13 @@ def _host_split_sizes(dispatcher, point: str, tokens_per_expert=None):
     return tokens_per_expert
 
 
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
-    """Start (or join) the process group and Megatron-Core's model-parallel state.
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, *, megatron: bool = True) -> World:
+    """Start (or join) the process group and, with `megatron`, Megatron-Core's model-parallel state.
 
     tp x pp ranks hold one model replica; experts are split over ep ranks, which Megatron carves out of the
-    data-parallel ranks (so ep divides world_size / (tp x pp))."""
-    from megatron.core import parallel_state
-
+    data-parallel ranks (so ep divides world_size / (tp x pp)). Without `megatron` (the FSDP backend) every
+    process is a data-parallel rank and Megatron-Core is not imported."""
+    assert megatron or tp * pp * ep == 1, "model parallelism is the Megatron backend's (check_layout refuses it)"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -110,6 +116,11 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
             "nccl" if cuda else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
             device_id=device if cuda else None,
         )
+    if not megatron:
+        return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, tp=1, dp=world_size,
+                     dp_rank=rank, tp_rank=0)
+    from megatron.core import parallel_state
+
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
@@ -126,13 +137,14 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1) -> World:
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         ep=ep,
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        dp_group=parallel_state.get_data_parallel_group(),
     )
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Megatron's parallel state only where this process imported it (an FSDP run never does)
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """The FSDP backend: transformers' own Qwen-VL model, sharded with PyTorch FSDP2, behind the engine interface.
 
-Same interface as train/engine_megatron.py (`train_step`, `eval_loss`, `logits`, `save`, `load`), so the loop,
-data path, schedule, eval, logging and export of train/trainer.py are shared; only this file differs.
+The engine interface of train/engine.py, as train/engine_megatron.py implements it, so the loop, data path,
+schedule, eval, logging and export of train/trainer.py are shared; only this file differs. Nothing here imports
+Megatron-Core (an optional dependency).
 
     model     AutoModelForImageTextToText (Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE) built from the run's config:
               random init (train.random_init) or the weights of an HF checkpoint (directory or hub id)
@@ -22,7 +23,7 @@ data path, schedule, eval, logging and export of train/trainer.py are shared; on
               of the *global* batch), gradients summed (not averaged) over ranks: the step's gradient is that of
               the global per-token mean, as the Megatron backend's
     optimizer AdamW with Megatron's parameter groups (no decay on biases and 1-D weights), gradient clipping on
-              the global norm (DTensor-aware), the shared lr schedule
+              the global norm (DTensor-aware), the shared lr schedule (all in train/optim.py but the norm)
     ckpts     torch.distributed.checkpoint (DCP) of the model and optimizer state dicts, sharded per rank: a run
               resumes on any number of processes. `full_model_state` reads the model part back without a
               process group, for `geo3k export`
@@ -39,7 +40,6 @@ Collectives. FSDP all-gathers every layer's parameters in its forward, so all ra
 from __future__ import annotations
 
 import contextlib
-import math
 import types
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,10 @@ from shared.config import TrainConfig
 from shared.errors import UserError
 from shared.schema import IGNORE_INDEX
 from train.distributed import World
-from train.engine_megatron import build_adamw
-from train.models.vision import run_vision
+from train.engine import Engine, ForwardArgs
+from train.optim import build_adamw, clip_and_step
+from train.models.attention import use_varlen_attention
+from train.models.vision import encode_images, place_image_features
 
 LOSS_CHUNK = 1024
 """Loss tokens per LM-head chunk: [1024, vocab 151936] fp32 logits are 0.6 GB, alive one chunk at a time."""
@@ -124,32 +126,6 @@ def _fill_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None, dev
             dist.broadcast(buf, src=0)
 
 
-def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Route every attention module (text and vision) to the varlen kernel registered with transformers.
-
-    Switched after construction, as train/models/vision.py does: at construction transformers would try to load
-    a flash-attn kernel for any name containing "flash". The attention modules read the name per call."""
-    from train.models.attention import register_hf_attention
-
-    name = register_hf_attention()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = name
-        for sub in ("text_config", "vision_config"):
-            sub_config = getattr(config, sub, None)
-            if sub_config is not None:
-                sub_config._attn_implementation = name
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x)]
-    return []
-
-
 def _ce_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
@@ -176,21 +152,16 @@ def chunked_ce_sum(
 
 
 def _vision(core, pixel_values, image_grid_thw):
-    """(merged image features [N, H], deepstack features list) straight from the vision module.
-
-    Called directly rather than through get_image_features / the model's forward: their signatures and
-    return types differ across transformers 5.x (5.17 has no `mm_encoder_outputs`, and a kwarg it does not
-    know is silently dropped: the images would never reach the language model)."""
-    out = run_vision(core.visual, pixel_values.to(core.visual.dtype), image_grid_thw)
-    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+    out = encode_images(core.visual, pixel_values.to(core.visual.dtype), image_grid_thw)
+    return out.image_embeds, out.deepstack_embeds
 
 
 def packed_forward(
-    model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels, dummy_vision=None,
-    loss_positions=None, image_positions=None,
+    model, input_ids, position_ids, cu_seqlens, max_seqlen: int, pixel_values, image_grid_thw, labels,
+    loss_positions=None, image_positions=None, dummy_vision=None,
 ):
-    """One packed micro-batch through the transformers model: the CE sum (labels given) or logits [T, vocab].
-    loss_positions / image_positions (ascending, from the data path) spare two host syncs per micro-batch.
+    """One packed micro-batch (train/engine.py ForwardArgs) through the transformers model: the CE sum (labels
+    given) or logits [T, vocab].
 
     Bound to the model and registered with FSDP as a forward method, so the root's parameters are gathered
     around it. The vision tower runs first, by itself (the attention kwargs cu_seq_lens_* are the language
@@ -205,10 +176,10 @@ def packed_forward(
         mask = input_ids == model.config.image_token_id
         if image_positions is None:
             image_positions = mask.nonzero().squeeze(1)
-        if image_positions.shape[0] != feats.shape[0]:
-            raise ValueError(f"{image_positions.shape[0]} image tokens but {feats.shape[0]} image features")
-        emb = emb.index_put((image_positions,), feats.to(emb.dtype))
+        emb = place_image_features(emb, feats, image_positions)
         if deep:
+            # transformers adds the deepstack features at the masked positions itself (the Megatron model takes
+            # them as a dense tensor, train/models/qwen_vl.py)
             lm_kwargs.update(visual_pos_masks=mask[None], deepstack_visual_embeds=[d.to(emb.dtype) for d in deep])
     elif dummy_vision is not None:
         feats, deep = _vision(core, *dummy_vision)
@@ -227,6 +198,9 @@ def packed_forward(
     hidden = out.last_hidden_state[0]
     if labels is None:
         return model.lm_head(hidden)
+    # The head at the loss positions only, as the Megatron model's (QwenVLLanguageModel._postprocess); that one is
+    # Megatron's vocab-parallel head and cross entropy (split over TP ranks), this one transformers' lm_head in
+    # recomputed chunks, so the two stay apart.
     loss = chunked_ce_sum(hidden, model.lm_head.weight, labels, keep=loss_positions)
     return loss if zero is None else loss + zero
 
@@ -234,7 +208,7 @@ def packed_forward(
 # ---------------------------------------------------------------- engine
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     name = "fsdp"
 
     def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from=None):
@@ -297,56 +271,29 @@ class FSDPEngine:
 
     # ---------------------------------------------------------------- one step
 
-    def train_step(self, micro_batches: list, num_loss_tokens: int, lr: float) -> dict[str, Any]:
-        """Forward/backward every micro-batch (gradients reduce-scattered in each backward), clip, step."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
-        denom = float(max(1, num_loss_tokens))
-        alone = self.world.world_size == 1
-        for mb in micro_batches:
-            if mb.num_real_tokens == 0 and alone:
-                continue  # with other ranks, an empty slot still runs: FSDP's collectives need every rank
-            loss = self.forward(mb, labels=True, dummy_vision=not alone)
-            (loss / denom).backward()
-            loss_sum += loss.detach().float()
-        ok, grad_norm = self._clip_and_step()
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok}
+    @property
+    def collective_train_forward(self) -> bool:
+        """With other ranks every training forward runs, also a padding-only one: FSDP's all-gathers need every
+        rank (eval forwards need none: `evaluating()` gathers the parameters first)."""
+        return self.world.world_size > 1
 
-    def _clip_and_step(self) -> tuple[bool, float]:
+    def _start_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _finish_step(self) -> tuple[bool, float]:
+        """Gradients were reduce-scattered in each backward: the global norm of the shards, clip, step."""
         from torch.distributed.tensor import DTensor
 
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # the shards' partial norms, all-reduced
-        grad_norm = float(norm)
-        if not math.isfinite(grad_norm):
-            return False, grad_norm
-        if self.cfg.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.clip_grad, norm, foreach=True)
-        self.optimizer.step()
-        return True, grad_norm
+        return clip_and_step(self.optimizer, self.params, self.cfg.clip_grad, norm)
 
-    def forward(self, mb, labels: bool, dummy_vision: bool = False):
-        has_images = mb.num_images > 0
-        return self.model.geo3k_forward(
-            mb.input_ids,
-            mb.position_ids,
-            mb.cu_seqlens,
-            mb.max_seqlen,
-            mb.pixel_values if has_images else None,
-            mb.image_grid_thw if has_images else None,
-            mb.labels if labels else None,
-            self._dummy_vision if (dummy_vision and not has_images) else None,
-            getattr(mb, "loss_positions", None) if labels else None,  # shipped by the data path (PackedBatch)
-            getattr(mb, "image_positions", None) if has_images else None,
-        )
-
-    collective_forward = False
-    """Eval forwards need no collective: `evaluating()` gathers the parameters first."""
+    def forward(self, args: ForwardArgs, *, training: bool = False) -> torch.Tensor:
+        # a training forward without images runs the vision tower on the dummy image (see the module docstring)
+        dummy = training and self.collective_train_forward and args.pixel_values is None
+        return self.model.geo3k_forward(*args, dummy_vision=self._dummy_vision if dummy else None)
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -355,23 +302,14 @@ class FSDPEngine:
         for m in self.fsdp_modules:
             m.unshard()
             m.set_reshard_after_forward(False, recurse=False)
-        self.model.eval()
         try:
-            yield
+            with super().evaluating():
+                yield
         finally:
             for m in self.fsdp_modules:
                 m.reshard()
                 if m is not self.model:  # the root keeps FSDP's own choice (no reshard after forward)
                     m.set_reshard_after_forward(True, recurse=False)
-            self.model.train()
-
-    @torch.no_grad()
-    def eval_loss(self, mb) -> torch.Tensor:
-        return self.forward(mb, labels=True).float()
-
-    @torch.no_grad()
-    def logits(self, mb) -> torch.Tensor:
-        return self.forward(mb, labels=False)
 
     # ---------------------------------------------------------------- checkpoints
 

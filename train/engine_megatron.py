@@ -1,4 +1,4 @@
-"""The Megatron backend: model, data-parallel wrapper and optimizer behind one small interface.
+"""The Megatron backend: model, data-parallel wrapper and optimizer behind the engine interface (train/engine.py).
 
 On GPUs this is Megatron-Core all the way: the Qwen-VL model of train/models on tensor-parallel layers,
 `Float16Module` for bf16, Megatron's `DistributedDataParallel` and its distributed optimizer (fp32 master
@@ -19,8 +19,6 @@ data-parallel ranks, so the step's gradient is exactly that of the global per-to
 
 from __future__ import annotations
 
-import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +27,8 @@ import torch.distributed as dist
 
 from shared.config import TrainConfig
 from train.distributed import World
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 over warmup_fraction of the steps, then cosine from lr to min_lr."""
-    warmup = int(round(cfg.warmup_fraction * total))
-    if warmup and step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # Megatron's rule: biases and 1-D parameters (norm weights) get no weight decay.
-    return name.endswith(".bias") or param.ndim == 1
-
-
-def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
-    """torch AdamW with Megatron's parameter groups; also returns the parameters (decayed first)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-    )
-    return optimizer, decay + no_decay
+from train.engine import Engine, ForwardArgs, forward_args
+from train.optim import build_adamw, clip_and_step
 
 
 class _LocalDDP(torch.nn.Module):
@@ -115,7 +86,6 @@ class _TorchOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self):
-        grads = [p.grad for p in self.params if p.grad is not None]
         # The global norm, as Megatron's clip_grad_norm computes it: tensor-parallel shards hold disjoint parts
         # of the split weights (summed over the TP group); the experts are split over the expert-tensor and
         # expert-parallel ranks (summed over that group); replicated weights (norms, the vision tower) are
@@ -136,19 +106,14 @@ class _TorchOptimizer:
         for part, group in ((split, self.tp_group), (experts, self.expert_group)):
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(part, group=group)
-        norm = float((split + experts + replicated).sqrt())
-        if not math.isfinite(norm):
-            return False, norm, None
-        if self.clip > 0 and norm > self.clip:
-            for g in grads:
-                g.mul_(self.clip / (norm + 1e-6))
-        self.optimizer.step()
-        return True, norm, None
+        ok, norm = clip_and_step(self.optimizer, self.params, self.clip, (split + experts + replicated).sqrt())
+        return ok, norm, None
 
 
-
-class MegatronEngine:
+class MegatronEngine(Engine):
     name = "megatron"
+    kv_cache = True
+    """Greedy generation prefills a KVCache and decodes one token per row (train/models/kv_cache.py)."""
 
     def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from=None):
         """init_from: a train.models.source.ModelSource with weights, or None for random init."""
@@ -248,26 +213,13 @@ class MegatronEngine:
 
     # ---------------------------------------------------------------- one step
 
-    def train_step(self, micro_batches: list, num_loss_tokens: int, lr: float) -> dict[str, Any]:
-        """Forward/backward every micro-batch, sync gradients, clip, step. Returns loss sum and grad norm."""
-        self.model.train()
+    def _start_step(self) -> None:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
-        denom = float(max(1, num_loss_tokens))
         for router in self.routers:
             router.routing_stats = None
-        for mb in micro_batches:
-            if mb.num_real_tokens == 0 and not self.collective_forward:
-                continue  # an empty slot that only keeps micro-batch counts equal across ranks (needed by EP)
-            if self.cfg.moe_aux_loss and self.routers:
-                self._scale_aux_loss(mb, len(micro_batches))
-            per_token = self.forward(mb, labels=True)
-            loss = per_token.sum()
-            (loss / denom).backward()
-            loss_sum += loss.detach()
+
+    def _finish_step(self) -> tuple[bool, float]:
         # Data-parallel reduction, then what the layout leaves partial on each rank: weights replicated over
         # tensor-parallel ranks that see only part of the computation (Qwen3's q/k norms, which act on this
         # rank's heads; every norm and router under sequence parallelism, which see this rank's tokens) are
@@ -275,21 +227,23 @@ class MegatronEngine:
         # both the GPU path and the CPU one (_LocalDDP).
         self._finalize_grads([self.model])
         ok, grad_norm, _ = self.optimizer.step()
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok, **self._routing_metrics()}
+        return ok, grad_norm
 
-    def _scale_aux_loss(self, mb, num_micro_batches: int) -> None:
+    def _before_forward(self, mb, num_micro_batches: int) -> None:
         """The load-balancing loss enters the step as the mean over all micro-batches of all data-parallel
         ranks (per MoE layer, times the config's router_aux_loss_coef). Megatron multiplies each micro-batch's
         aux loss by its token count (it expects a later division by the global token count, which this engine
         does not do: its main loss is already divided by the global loss tokens), so the scale undoes that."""
+        if not (self.cfg.moe_aux_loss and self.routers):
+            return
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 
         router_tokens = mb.num_tokens // self.world.tp if self.cfg.sequence_parallel else mb.num_tokens
         scale = 1.0 / (max(1, router_tokens) * num_micro_batches * self.world.dp)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.world.device))
-        clear_aux_losses_tracker()  # logged from the routers' own statistics instead (_routing_metrics)
+        clear_aux_losses_tracker()  # logged from the routers' own statistics instead (_step_metrics)
 
-    def _routing_metrics(self) -> dict[str, float]:
+    def _step_metrics(self) -> dict[str, float]:
         """Expert load of this step, all ranks together (one all-reduce): `moe_imbalance` = tokens of the
         busiest expert over the mean, averaged over MoE layers (1.0 is perfect balance), `moe_imbalance_max`
         its worst layer, and `moe_aux_loss` the load-balancing loss num_experts * sum_e f_e * P_e (f: share of
@@ -310,49 +264,28 @@ class MegatronEngine:
         out = torch.stack([imbalance.mean(), imbalance.max(), aux.mean()]).tolist()
         return dict(zip(("moe_imbalance", "moe_imbalance_max", "moe_aux_loss"), out))
 
-    def forward(self, mb, labels: bool):
-        return self.model(
-            mb.input_ids,
-            mb.position_ids,
-            mb.cu_seqlens,
-            mb.max_seqlen,
-            mb.pixel_values,
-            mb.image_grid_thw,
-            mb.labels if labels else None,
-            loss_index=mb.loss_positions if labels else None,
-            image_index=mb.image_positions if mb.num_images else None,
-        )
+    def _model_forward(self, args: ForwardArgs, **extra):
+        # the tensors positionally: Float16Module casts its positional inputs to bf16, not its keyword ones
+        return self.model(*args[:7], loss_index=args.loss_positions, image_index=args.image_positions, **extra)
+
+    def forward(self, args: ForwardArgs, *, training: bool = False) -> torch.Tensor:
+        out = self._model_forward(args)
+        return out if args.labels is None else out.sum()  # the model gives the per-token loss [T]
+
+    def per_token_loss(self, mb) -> torch.Tensor:
+        """float32 [T], 0 where there is no label: to compare token by token (bench/validate_megatron_gpu.py)."""
+        return self._model_forward(forward_args(mb, labels=True))
 
     @property
     def collective_forward(self) -> bool:
         """Expert parallelism's all-to-all makes every forward a collective over the data-parallel ranks."""
         return self.world.ep > 1
 
-    @contextlib.contextmanager
-    def evaluating(self):
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train()
-
-    @torch.no_grad()
-    def eval_loss(self, mb) -> torch.Tensor:
-        return self.forward(mb, labels=True).sum()
-
-    @torch.no_grad()
-    def logits(self, mb) -> torch.Tensor:
-        return self.forward(mb, labels=False)
-
-    kv_cache = True
-    """Greedy generation prefills a KVCache and decodes one token per row (train/models/kv_cache.py)."""
-
     @torch.no_grad()
     def prefill(self, mb, cache, last: torch.Tensor) -> torch.Tensor:
         """Logits [len(last), vocab] at positions `last` of a packed micro-batch of prompts, writing their keys and
         values into `cache`."""
-        return self.model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.pixel_values, mb.image_grid_thw,
-                          None, image_index=mb.image_positions if mb.num_images else None, logits_index=last, kv_cache=cache)
+        return self._model_forward(forward_args(mb, labels=False), logits_index=last, kv_cache=cache)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -67,21 +67,15 @@ def blank_images(mb):
     return replace(mb, keys=list(mb.keys), _pixel_values=torch.zeros_like(mb.pixel_values))
 
 
-def _dp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-
-
 def _dp_sum(t: torch.Tensor, world) -> None:
     if dist.is_initialized() and world.dp > 1:
-        dist.all_reduce(t, group=_dp_group())
+        dist.all_reduce(t, group=world.dp_group)
 
 
 def _anyone(flag: bool, world) -> bool:
     """Whether any data-parallel rank passes True (every rank calls this together)."""
     t = torch.tensor([1.0 if flag else 0.0], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_dp_group())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.dp_group)
     return bool(t.item())
 
 
@@ -106,7 +100,7 @@ def generate_greedy(engine, prompts: list[Sample], spec: PackingSpec, *, max_new
     lockstep = engine.collective_forward and world.dp > 1
     out: list[list[int]] = [[] for _ in prompts]
     kw = dict(max_new_tokens=max_new_tokens, stop_id=stop_id, budget=budget, device=world.device, pixel_dtype=pixel_dtype)
-    if use_cache and getattr(engine, "kv_cache", False):
+    if use_cache and engine.kv_cache:
         forwards = _cached_forwards(engine, prompts, out, spec, kv_cache_positions=kv_cache_positions, **kw)
     else:
         forwards = _uncached_forwards(engine, prompts, out, spec, **kw)
@@ -234,7 +228,7 @@ def eval_accuracy(engine, shard_dir, spec: PackingSpec, world, *, num_samples: i
                         "correct": bool(is_correct(text, s.meta["answer"])), "new_tokens": len(g)})
     if dist.is_initialized() and world.dp > 1:
         gathered: list[Any] = [None] * world.dp
-        dist.all_gather_object(gathered, records, group=_dp_group())
+        dist.all_gather_object(gathered, records, group=world.dp_group)
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(len(records), 1), "answered": len(records), "records": records, "examples": records[:3]}

@@ -57,10 +57,11 @@ from train.data import DataConfig, PackingSpec, SampleTooLongError, build_loader
 from train.data.packing import steps_per_epoch
 from train.data.reader import verify_shards
 from train.distributed import World, barrier, destroy, init_distributed
-from train.engine_megatron import MegatronEngine, lr_at, merged_model_state
+from train.engine import Engine, build_engine
 from train.flops import Peaks, StepFlops
 from train.gc_policy import TrainingGC
 from train.metrics import MetricsLogger, read_history
+from train.optim import lr_at
 
 
 class TrainError(UserError, RuntimeError):
@@ -334,7 +335,7 @@ class Trainer:
                 clear_run(self.out_dir)  # else only the metrics and events of a run stopped before its first checkpoint
             self.run_id = new_run_id()
 
-        self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
+        self.world: World = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel, megatron=tc.backend == "megatron")
         if self.world.device.type == "cuda":
             card = torch.cuda.get_device_properties(self.world.device).total_memory
             check_memory(cfg, self.hf_config, self.world.world_size, card, self.say)
@@ -349,11 +350,8 @@ class Trainer:
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        if tc.backend == "fsdp":
-            from train.engine_fsdp import FSDPEngine as Engine
-        else:
-            Engine = MegatronEngine
-        self.engine = Engine(self.hf_config, tc, self.world, init_from=self.source if self.source.weights is not None else None)
+        self.engine: Engine = build_engine(self.hf_config, tc, self.world,
+                                           init_from=self.source if self.source.weights is not None else None)
         self.pixel_dtype = torch.bfloat16 if (tc.bf16 and self.engine.cuda) else torch.float32
         self.loader = build_loader(self.train_dir, self.data_cfg, self.world.dp_rank, self.world.dp)
         self.total_steps = run_steps(tc, self.loader.total_steps)
@@ -573,10 +571,8 @@ class Trainer:
                 flops = self.flops.step(gstep.micro_batches)
                 stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
                 if dist.is_initialized() and w.world_size > 1:
-                    from megatron.core import parallel_state
-
                     stats = stats.to(dev)
-                    dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+                    dist.all_reduce(stats, group=w.dp_group)
                 loss = float(stats[0]) / max(1, gstep.num_loss_tokens)
                 self.step += 1
                 dt = time.perf_counter() - t0
@@ -685,6 +681,8 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "bfloat16", warn=No
 
         state = hf_to_megatron(full_model_state(ckpt), hf_config)  # export_hf's input; a lossless renaming
     else:
+        from train.engine_megatron import merged_model_state
+
         state = merged_model_state(ckpt, hf_config)
     export_hf(state, hf_config, out, dtype=torch_dtype)
     cfg = from_dict(PipelineConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))

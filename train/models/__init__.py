@@ -33,3 +33,14 @@ def load_hf_config(name_or_path: str):
     if preset is not None:
         return AutoConfig.from_pretrained(str(PRESET_DIR / preset))
     return AutoConfig.from_pretrained(name_or_path)
+
+
+def moe_layer_pattern(text) -> list[int] | None:
+    """1 for a MoE layer, 0 for a dense one, as transformers decides it (None: dense model). Here rather than in
+    qwen_vl.py: converting an FSDP checkpoint for export needs it, and no Megatron-Core."""
+    num_experts = getattr(text, "num_experts", 0) or 0
+    if num_experts == 0:
+        return None
+    step = getattr(text, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(text, "mlp_only_layers", []) or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(text.num_hidden_layers)]

@@ -302,3 +302,19 @@ def register_hf_attention() -> str:
 
     AttentionInterface.register(HF_ATTN_NAME, _hf_varlen_attention)
     return HF_ATTN_NAME
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Route every attention module of a transformers model (text and vision) to the varlen kernel.
+
+    Switched after construction: at construction transformers would try to load a flash-attn kernel for any name
+    containing "flash". The attention modules read the name per call."""
+    name = register_hf_attention()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+        for sub in ("text_config", "vision_config"):
+            sub_config = getattr(config, sub, None)
+            if sub_config is not None:
+                sub_config._attn_implementation = name

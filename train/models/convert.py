@@ -97,7 +97,7 @@ def _tied(hf_config) -> bool:
 
 
 def _moe_layers(hf_config) -> set[int]:
-    from train.models.qwen_vl import moe_layer_pattern
+    from train.models import moe_layer_pattern
 
     pattern = moe_layer_pattern(hf_config.text_config)
     return {i for i, is_moe in enumerate(pattern or []) if is_moe}

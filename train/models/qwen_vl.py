@@ -35,11 +35,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from shared.schema import IGNORE_INDEX
-from train.models import fused
+from train.models import fused, moe_layer_pattern
 from train.models.attention import VarlenCoreAttention
 from train.models.experts import GroupedExperts
 from train.models.rope import QwenMRoPE
-from train.models.vision import VisionTower
+from train.models.vision import VisionTower, place_image_features
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -76,16 +76,6 @@ def tie_word_embeddings(hf_config) -> bool:
 
 def head_dim(text) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-
-def moe_layer_pattern(text) -> list[int] | None:
-    """1 for a MoE layer, 0 for a dense one, as transformers decides it (None: dense model)."""
-    num_experts = getattr(text, "num_experts", 0) or 0
-    if num_experts == 0:
-        return None
-    step = getattr(text, "decoder_sparse_step", 1) or 1
-    dense = set(getattr(text, "mlp_only_layers", []) or [])
-    return [int(i not in dense and (i + 1) % step == 0) for i in range(text.num_hidden_layers)]
 
 
 def transformer_config_from_hf(hf_config, **overrides) -> TransformerConfig:
@@ -442,18 +432,14 @@ class QwenVLModel(MegatronModule):
                 raise ValueError(f"{num_image_tokens} image tokens but no pixel_values")
             return emb, None
         vis = self.vision(pixel_values, image_grid_thw)
-        if vis.image_embeds.shape[0] != num_image_tokens:
-            raise ValueError(
-                f"the images give {vis.image_embeds.shape[0]} features but input_ids hold {num_image_tokens} "
-                f"image tokens (id {self.image_token_id}): pixel_values/image_grid_thw do not match the text"
-            )
-        idx = image_index
-        emb = emb.index_put((idx, torch.zeros_like(idx)), vis.image_embeds.to(emb.dtype))
+        emb = place_image_features(emb, vis.image_embeds, image_index)
         deepstack = None
         if vis.deepstack_embeds:
+            # Megatron's layers take the deepstack features as one dense `context` tensor (zeros away from the
+            # image tokens) that DeepstackTransformerLayer adds; transformers' model places them itself
             deepstack = emb.new_zeros((len(vis.deepstack_embeds),) + tuple(emb.shape))
             for i, feats in enumerate(vis.deepstack_embeds):
-                deepstack[i, idx, 0] = feats.to(emb.dtype)
+                deepstack[i, image_index, 0] = feats.to(emb.dtype)
         return emb, deepstack
 
 

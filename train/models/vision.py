@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.models.attention import register_hf_attention
+from train.models.attention import use_varlen_attention
 
 
 @dataclass
@@ -53,13 +53,7 @@ class VisionTower(torch.nn.Module):
         cls = vision_class(hf_config.model_type)
         # _from_config builds with random init; the converter loads the real weights afterwards.
         self.model = cls._from_config(hf_config.vision_config, attn_implementation="sdpa", dtype=dtype)
-        # Switched after construction: at construction transformers would try to load a flash-attn
-        # kernel for any name containing "flash". The attention modules read the name per call.
-        name = register_hf_attention()
-        for module in self.model.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation"):
-                config._attn_implementation = name
+        use_varlen_attention(self.model)
         self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
 
     @property
@@ -67,9 +61,28 @@ class VisionTower(torch.nn.Module):
         return self.model.patch_embed.proj.weight.dtype
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
-        out = run_vision(self.model, pixel_values.to(self.dtype), image_grid_thw)
-        deepstack = list(getattr(out, "deepstack_features", None) or [])
-        return VisionOutput(image_embeds=out.pooler_output, deepstack_embeds=deepstack)
+        return encode_images(self.model, pixel_values.to(self.dtype), image_grid_thw)
+
+
+def encode_images(visual: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
+    """The merged image features and deepstack features of a transformers vision module (both backends).
+
+    The module is called directly rather than through the model's get_image_features: its signature and return
+    type differ across transformers 5.x (5.17 has no `mm_encoder_outputs`, and a kwarg it does not know is
+    silently dropped: the images would never reach the language model)."""
+    out = run_vision(visual, pixel_values, image_grid_thw)
+    return VisionOutput(image_embeds=out.pooler_output, deepstack_embeds=list(getattr(out, "deepstack_features", None) or []))
+
+
+def place_image_features(emb: torch.Tensor, features: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """The token embeddings emb [T, ...] with rows `image_positions` (the image placeholder tokens, in order)
+    replaced by the image features [N, ...] (both backends: the Megatron model's [T, 1, H], transformers' [T, H])."""
+    if features.shape[0] != image_positions.shape[0]:
+        raise ValueError(
+            f"the images give {features.shape[0]} features but input_ids hold {image_positions.shape[0]} image tokens: "
+            "pixel_values/image_grid_thw do not match the text"
+        )
+    return emb.index_put((image_positions,), features.reshape(features.shape[0], *emb.shape[1:]).to(emb.dtype))
 
 
 def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
