@@ -18,6 +18,10 @@ SetOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 NprocOpt = Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this node; >1 relaunches under torchrun.")]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option("--ray", metavar="ADDRESS", help="Run on a Ray cluster: its head's HOST:PORT, or auto (the cluster of this node). Needs geo3k[ray]."),
+]
 
 
 def load_pipeline_config(path: Optional[Path], overrides: Optional[list[str]]):

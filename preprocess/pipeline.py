@@ -16,6 +16,9 @@ dies) and does whatever is still missing itself. Temporary files carry their hos
 removes only its own machine's leftovers of dead processes. Every run holds `.lock` shared while it works and
 `--force` takes it exclusively (without waiting) before it clears a folder; the manifest is written under an
 exclusive lock on `.manifest.lock`, once. All are flock locks, released by the kernel when their process ends.
+
+`--ray ADDRESS` swaps the local worker pool for a Ray cluster (preprocess/ray_shards.py): one Ray task per
+shard, running the same `process_shard`, so the shards, claims, part files and manifest are the ones above.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from preprocess.images import FetchedImage, Reject, cache_path, fetch_image, local_path, read_local
 from preprocess.samples import make_sample
@@ -207,6 +210,10 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 
 
 # ---------------------------------------------------------------- one shard (in a worker)
+
+MapTasks = Callable[[PipelineConfig, "list[ShardTask]"], Iterator[dict[str, Any]]]
+"""How a run's shards are executed: (config, tasks) -> each task's `process_shard` result, in any order. Local
+worker processes by default (`_map_tasks`); `preprocess/ray_shards.py` runs them as Ray tasks."""
 
 
 @dataclass
@@ -618,16 +625,18 @@ def preprocess_split(
     force: bool = False,
     shard_range: str | None = None,
     progress: bool = True,
+    map_tasks: MapTasks | None = None,
 ) -> SplitSummary:
     out = cfg.split_dir(split)
     try:
-        return _preprocess_split(cfg, split, out, config_dir, force, shard_range, progress)
+        return _preprocess_split(cfg, split, out, config_dir, force, shard_range, progress, map_tasks or _map_tasks)
     except OSError as e:
         raise _os_error(e, out) from None
 
 
 def _preprocess_split(
-    cfg: PipelineConfig, split: str, out: Path, config_dir: Path | None, force: bool, shard_range: str | None, progress: bool
+    cfg: PipelineConfig, split: str, out: Path, config_dir: Path | None, force: bool, shard_range: str | None, progress: bool,
+    map_tasks: MapTasks,
 ) -> SplitSummary:
     t0 = time.monotonic()
     src = open_source(cfg.source, split, config_dir)
@@ -655,7 +664,7 @@ def _preprocess_split(
         done = _load_parts(parts_dir)
         _check_images(src, cfg, _recorded_images(out, list(done.values())))
 
-        done_now = _run_shards(cfg, src, out, [i for i in wanted if i not in done], progress, split)
+        done_now = _run_shards(cfg, src, out, [i for i in wanted if i not in done], progress, split, map_tasks)
         m = _read_json(out / MANIFEST)
         if m is not None and m["fingerprint"] == fp:  # a concurrent run completed the split meanwhile
             return _from_manifest(split, out, m, time.monotonic() - t0, done_now)
@@ -684,7 +693,9 @@ def _finish(cfg, out, src, inputs, fp, done, num_shards, summary) -> None:
         os.close(fd)
 
 
-def _run_shards(cfg: PipelineConfig, src: Source, out: Path, todo: list[int], progress: bool, split: str) -> int:
+def _run_shards(
+    cfg: PipelineConfig, src: Source, out: Path, todo: list[int], progress: bool, split: str, map_tasks: MapTasks
+) -> int:
     """Write the shards `todo` (skipping those another run holds, then waiting for those and doing any it left
     undone); returns how many this run wrote."""
     per = cfg.shards.samples_per_shard
@@ -703,7 +714,7 @@ def _run_shards(cfg: PipelineConfig, src: Source, out: Path, todo: list[int], pr
                 for i in todo
             ]
             elsewhere = []
-            for part in _map_tasks(cfg, tasks):
+            for part in map_tasks(cfg, tasks):
                 if part.get("claimed_elsewhere"):
                     elsewhere.append(part["index"])
                 else:
@@ -809,9 +820,26 @@ def _write_manifest(
 
 
 def run_preprocess(
-    cfg: PipelineConfig, *, config_dir: Path | None = None, force: bool = False, shard_range: str | None = None, progress: bool = True
+    cfg: PipelineConfig,
+    *,
+    config_dir: Path | None = None,
+    force: bool = False,
+    shard_range: str | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
 ) -> list[SplitSummary]:
-    return [
-        preprocess_split(cfg, split, config_dir=config_dir, force=force, shard_range=shard_range, progress=progress)
-        for split in cfg.source.splits
-    ]
+    """Every split of `cfg.source.splits`; with `ray_address` (HOST:PORT or auto) each shard is a task on that Ray
+    cluster instead of a local worker process (the same shard function, so the same bytes)."""
+
+    def run(map_tasks: MapTasks | None) -> list[SplitSummary]:
+        return [
+            preprocess_split(cfg, split, config_dir=config_dir, force=force, shard_range=shard_range, progress=progress, map_tasks=map_tasks)
+            for split in cfg.source.splits
+        ]
+
+    if not ray_address:
+        return run(None)
+    from preprocess.ray_shards import ray_map_tasks
+
+    with ray_map_tasks(ray_address) as map_tasks:
+        return run(map_tasks)

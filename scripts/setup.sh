@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install geo3k with its Megatron and test extras. Safe to rerun.
+# Create .venv (if missing) and install geo3k with its Megatron, Ray and test extras. Safe to rerun.
 #
 # torch comes first, on its own, so that a CPU machine never pulls the multi-GB CUDA build by accident:
 # where pip finds torch 2.14.1 on local disk (these project machines) it takes that; elsewhere, on a machine
@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     pip_q torch torchvision --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip_q -e ".[megatron,test]" || pip_q -e ".[megatron,test]" || { echo "setup: pip install failed (above)" >&2; exit 1; }
-.venv/bin/python -c "import torch, transformers, megatron.core, webdataset, xdist" 2>/dev/null \
+pip_q -e ".[megatron,ray,test]" || pip_q -e ".[megatron,ray,test]" || { echo "setup: pip install failed (above)" >&2; exit 1; }
+.venv/bin/python -c "import torch, transformers, megatron.core, webdataset, xdist, ray" 2>/dev/null \
   || { echo "setup: the install is incomplete; rerun scripts/setup.sh and read pip's errors" >&2; exit 1; }
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

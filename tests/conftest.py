@@ -190,7 +190,9 @@ def one_sample_eval(demo_data, tmp_path_factory) -> Path:
 
 # The slowest files first: the two workers of scripts/test.sh take whole files in this order, so a long file
 # started last would run alone at the end.
-_SLOW_FIRST = ("test_train_moe.py", "test_parallel_layouts.py", "test_train_fsdp.py", "test_durability.py", "test_train_e2e.py")
+_SLOW_FIRST = (
+    "test_train_moe.py", "test_parallel_layouts.py", "test_train_fsdp.py", "test_durability.py", "test_train_e2e.py", "test_ray.py",
+)
 
 
 def pytest_collection_modifyitems(items):

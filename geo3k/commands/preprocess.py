@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from geo3k.options import ConfigOpt, JsonOpt, SetOpt, load_pipeline_config
+from geo3k.options import ConfigOpt, JsonOpt, RayOpt, SetOpt, load_pipeline_config
 
 
 def preprocess(
@@ -25,6 +25,7 @@ def preprocess(
         bool, typer.Option("--verify", help="Compare every row with the full processor (default: one row in 64).")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ray: RayOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Turn Geo3K rows into pre-tokenized WebDataset shards.
@@ -36,6 +37,8 @@ def preprocess(
       geo3k preprocess -c demo_data/pipeline.yaml --workers 2
 
       geo3k preprocess --shards 0:4    # on one machine; --shards 4:8 on another, same folder
+
+      geo3k preprocess --ray auto      # one Ray task per shard, over the cluster (a folder every node sees)
 
       geo3k preprocess --set model.name_or_path=qwen2.5-vl-3b --set shards.output_dir=/data/shards --force
     """
@@ -52,7 +55,9 @@ def preprocess(
     # SIGTERM as an exception: the run then stops and reaps its workers on the way out, as on Ctrl-C
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    summaries = run_preprocess(cfg, config_dir=cfg_dir, force=force, shard_range=shards, progress=not quiet and not json_out)
+    summaries = run_preprocess(
+        cfg, config_dir=cfg_dir, force=force, shard_range=shards, progress=not quiet and not json_out, ray_address=ray
+    )
     if json_out:
         print(json.dumps([{**s.__dict__, "out_dir": str(s.out_dir)} for s in summaries], indent=2))
     else:

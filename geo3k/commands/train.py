@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from geo3k.options import ConfigOpt, JsonOpt, NprocOpt, SetOpt, load_pipeline_config, relaunch
+from geo3k.options import ConfigOpt, JsonOpt, NprocOpt, RayOpt, SetOpt, load_pipeline_config, relaunch
 
 
 def train(
@@ -25,6 +25,8 @@ def train(
     ] = False,
     nproc: NprocOpt = 1,
     backend: Annotated[Optional[str], typer.Option("--backend", help="megatron (default) or fsdp.")] = None,
+    ray: RayOpt = None,
+    nodes: Annotated[int, typer.Option("--nodes", help="With --ray: nodes to spread over, --nproc processes (GPUs) on each.")] = 1,
     plan: Annotated[
         bool, typer.Option("--plan", help="Print the memory each GPU needs for this model and layout, and stop (no GPU needed).")
     ] = False,
@@ -46,13 +48,19 @@ def train(
 
       geo3k train --plan --nproc 8 --set model.name_or_path=qwen3-vl-30b-a3b --set train.expert_parallel=8
 
-    Several nodes: run `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node G
-    -m geo3k train ...` on each node.
+      geo3k train --ray auto --nproc 8 --nodes 2    # 16 processes on two nodes of a Ray cluster
+
+    Several nodes: on a Ray cluster, --ray ADDRESS --nodes N; otherwise run `torchrun --nnodes N --node-rank R
+    --rdzv-endpoint HOST:PORT --nproc-per-node G -m geo3k train ...` on each node.
     """
     if resume and overwrite:
         from shared.config import ConfigError
 
         raise ConfigError("--resume continues the run in train.output_dir, --overwrite deletes it: pass one of them")
+    if nodes != 1 and not ray:
+        from shared.config import ConfigError
+
+        raise ConfigError("--nodes places processes on a Ray cluster: add --ray ADDRESS (or run torchrun on each node)")
     overrides = list(set_ or [])
     if backend:
         overrides.append(f"train.backend={backend}")
@@ -71,12 +79,12 @@ def train(
             # a plan needs no weights: the preset's transcription of the config will do
             hf_config = resolve_source(cfg.model.name_or_path, pretrained=False).hf_config
             print(f"note: {e}; planning with the preset's config", file=sys.stderr)
-        check_layout(cfg.train, hf_config, nproc)  # before any process starts
+        check_layout(cfg.train, hf_config, nproc * nodes)  # before any process starts
         if plan:
             from train.memory_plan import H200_BYTES
             from train.trainer import memory_plan
 
-            p = memory_plan(cfg, hf_config, nproc)
+            p = memory_plan(cfg, hf_config, nproc * nodes)
             if json_out:
                 print(json.dumps({**p.__dict__, "total": p.total}, indent=2))
                 return
@@ -84,12 +92,18 @@ def train(
             if not p.fits(H200_BYTES):
                 from train.memory_plan import advice
 
-                print(f"  to fit: {advice(p, cfg.train, nproc, hf_config)}")
+                print(f"  to fit: {advice(p, cfg.train, nproc * nodes, hf_config)}")
             return
-    relaunch(nproc)
-    from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
+    options = dict(resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
+    if ray:
+        from train.ray_launch import train_on_ray
 
-    result = run_training(cfg, resume=resume, overwrite=overwrite, allow_schedule_change=allow_schedule_change)
+        result = train_on_ray(ray, nproc, nodes, cfg, **options)
+    else:
+        relaunch(nproc)
+        from train.trainer import run_training  # one loop for both backends; the Trainer picks the engine
+
+        result = run_training(cfg, **options)
     if json_out and int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result, indent=2, default=str))
 
