@@ -54,3 +54,23 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def run_ranks(worker, world_size: int, *args, timeout: float):
+    """Start `worker(rank, port, *args, queue)` in world_size spawned processes (a free port for their gloo
+    group) and return what one of them puts on the queue: its result, or the text of its error."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return queue.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()

@@ -10,7 +10,6 @@ parallelism, whose decode rows are padded to a multiple of 2), two processes ove
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -170,27 +169,13 @@ def _tp_worker(rank: int, port: int, ckpt: str, shards: str, queue) -> None:
 
 
 def test_tensor_parallel_generation_equals_one_process(setups):
-    import torch.multiprocessing as mp
+    from tests.megatron_cpu import run_ranks
 
     ckpt, shards = setups["qwen3_vl"]
     world = _one_process_world()
     prompts, spec = _prompts(shards)
     one = _generate(_engine(ckpt, world), prompts, spec, world, use_cache=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, port, str(ckpt), str(shards), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = queue.get(timeout=300)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = run_ranks(_tp_worker, 2, str(ckpt), str(shards), timeout=300)
     assert isinstance(got, dict), got
     for name, (cached, uncached) in got.items():
         assert cached == uncached == one, name

@@ -9,7 +9,6 @@ gathers across tensor-parallel ranks); its expert shards are checked as tensors 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
@@ -26,7 +25,7 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _worker(rank: int, world: int, port: int, root: str, queue) -> None:
+def _worker(rank: int, port: int, world: int, root: str, queue) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -56,7 +55,7 @@ def _worker(rank: int, world: int, port: int, root: str, queue) -> None:
 
 
 def test_tp2_loss_equals_transformers(tmp_path):
-    import torch.multiprocessing as mp
+    from tests.megatron_cpu import run_ranks
 
     refs = {}
     for family in FAMILIES:
@@ -70,21 +69,7 @@ def test_tp2_loss_equals_transformers(tmp_path):
         labels[batch["cu_seqlens"][1:].long() - 1] = -100
         refs[family] = (torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none"), labels)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, TP, port, str(tmp_path), queue)) for r in range(TP)]
-    for p in procs:
-        p.start()
-    try:
-        got = queue.get(timeout=180)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = run_ranks(_worker, TP, TP, str(tmp_path), timeout=180)
     assert isinstance(got, dict), got
     for family, (ref, labels) in refs.items():
         loss = torch.tensor(got[family])

@@ -254,7 +254,6 @@ def run_eval(cfg, model: str, shards, *, samples: int | None, out_jsonl, say=pri
     from dataclasses import replace as dc_replace
     from pathlib import Path
 
-    from train.data import DataConfig
     from train.distributed import init_distributed
     from train.engine_megatron import MegatronEngine
     from train.models.source import resolve_source
@@ -269,9 +268,8 @@ def run_eval(cfg, model: str, shards, *, samples: int | None, out_jsonl, say=pri
     check_layout(tc, source.hf_config, int(os.environ.get("WORLD_SIZE", 1)))
     tokenizer = shard_tokenizer(ss)
     world = init_distributed(tc.tensor_parallel, 1, tc.expert_parallel)
-    pad = tc.tensor_parallel if tc.sequence_parallel else 1
-    data_cfg = DataConfig(max_tokens_per_gpu=tc.max_tokens_per_gpu, max_patches_per_gpu=tc.max_patches_per_micro_batch,
-                          pad_to_multiple_of=pad, global_batch_size=tc.global_batch_size, seed=tc.seed, num_workers=0)
+    data_cfg = DataConfig.from_train_config(tc)  # eval_loss reads every sample once, in the foreground
+    pad = data_cfg.pad_to_multiple_of
     t0 = time.perf_counter()
     engine = MegatronEngine(source.hf_config, tc, world, init_from=source)
     pixel_dtype = torch.bfloat16 if (tc.bf16 and engine.cuda) else torch.float32

@@ -293,15 +293,7 @@ class Trainer:
 
     def _build(self, *, resume: bool, overwrite: bool, allow_schedule_change: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
-        self.data_cfg = DataConfig(
-            max_tokens_per_gpu=tc.max_tokens_per_gpu,
-            max_patches_per_gpu=tc.max_patches_per_micro_batch,
-            pad_to_multiple_of=tc.tensor_parallel if tc.sequence_parallel else 1,
-            global_batch_size=tc.global_batch_size,
-            num_epochs=tc.epochs,
-            seed=tc.seed,
-            num_workers=tc.num_workers,
-        )
+        self.data_cfg = DataConfig.from_train_config(tc)
         self.train_dir = cfg.train_shards()
         shard_set, self.eval_dir = check_shard_sets(cfg, self.hf_config, self.data_cfg)
         self.fingerprint = shard_set.fingerprint
