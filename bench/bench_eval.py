@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,9 +29,6 @@ import torch  # noqa: E402
 
 
 def make_shards(out: Path, num: int = 601) -> Path:
-    import os
-    import shutil
-
     from preprocess.pipeline import run_preprocess
     from shared.config import load_config
 
@@ -37,9 +36,7 @@ def make_shards(out: Path, num: int = 601) -> Path:
     rows = [json.loads(x) for x in (src / "problems.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src / "images", out / "images")
-    with open(out / "test.jsonl", "w") as f:
-        for i in range(num):
-            f.write(json.dumps({**rows[i % len(rows)], "id": 100_000 + i, "split": "test"}) + "\n")
+    (out / "test.jsonl").write_text("".join(json.dumps({**rows[i % len(rows)], "id": 100_000 + i, "split": "test"}) + "\n" for i in range(num)))
     cfg = load_config(None, [f"shards.output_dir={out / 'shards'}", "preprocess.fetch.cache_dir=", "source.image_key=image",
                              f"source.image_root={out / 'images'}"])
     cfg.source.files, cfg.source.splits = {"test": str(out / "test.jsonl")}, ["test"]
@@ -58,8 +55,7 @@ def main() -> None:
     ap.add_argument("--uncached", action="store_true", help="also time the uncached path")
     args = ap.parse_args()
     if args.make_shards:
-        print(make_shards(args.make_shards))
-        return
+        return print(make_shards(args.make_shards))
 
     from shared.config import TrainConfig
     from shared.manifest import ShardSet
@@ -73,26 +69,23 @@ def main() -> None:
     positions = args.kv_cache_positions or tc.eval_kv_cache_positions
     world = init_distributed()
     engine = MegatronEngine(load_hf_config(args.preset), tc, world, init_from=None)
-    cuda = world.device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, dtype = world.device.type == "cuda", torch.bfloat16 if world.device.type == "cuda" else torch.float32
     ss = ShardSet(args.shards)
-    spec = PackingSpec.from_processor_identity(ss.processor)
-    prompts = [prompt_of(s) for s in ss.iter_samples()]
+    spec, prompts = PackingSpec.from_processor_identity(ss.processor), [prompt_of(s) for s in ss.iter_samples()]
     data = DataConfig(max_tokens_per_gpu=tc.max_tokens_per_gpu, global_batch_size=tc.global_batch_size)
 
+    sync = torch.cuda.synchronize if cuda else lambda: None
+
     def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = fn()
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
         return out, time.perf_counter() - t0
 
     def generate(use_cache: bool, some=None):
-        return generate_greedy(engine, some or prompts, spec, max_new_tokens=args.new_tokens, stop_id=None,
-                               budget=tc.max_tokens_per_gpu, world=world, pixel_dtype=dtype, use_cache=use_cache,
-                               kv_cache_positions=positions)
+        return generate_greedy(engine, some or prompts, spec, max_new_tokens=args.new_tokens, stop_id=None, budget=tc.max_tokens_per_gpu,
+                               world=world, pixel_dtype=dtype, use_cache=use_cache, kv_cache_positions=positions)
 
     phases = {"prefill": 0.0, "decode": 0.0}
     for name in phases:  # the cached path's time by phase (synchronised: the decode loop syncs each step anyway)
@@ -108,17 +101,12 @@ def main() -> None:
         loss, loss_s = timed(lambda: eval_loss(engine, args.shards, data, world, dtype, image_gain=True))
         phases.update(prefill=0.0, decode=0.0)
         cached, cached_s = timed(lambda: generate(True))
-        res = {
-            "card": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "problems": len(prompts),
-            "prompt_tokens": sum(p.num_tokens for p in prompts), "new_tokens": args.new_tokens,
-            "kv_cache_positions": positions, "loss_s": round(loss_s, 2), "loss": loss["loss"],
-            "image_gain": loss["image_gain"], "cached_generate_s": round(cached_s, 2),
-            "cached_eval_s": round(loss_s + cached_s, 2), "prefill_s": round(phases["prefill"], 2),
-            "decode_s": round(phases["decode"], 2), "answers_per_s": round(len(prompts) / cached_s, 1),
-            "all_answers_full_length": all(len(g) == args.new_tokens for g in cached),
-        }
-        if cuda:
-            res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        res = {"card": torch.cuda.get_device_name() if cuda else "cpu", "preset": args.preset, "problems": len(prompts),
+               "prompt_tokens": sum(p.num_tokens for p in prompts), "new_tokens": args.new_tokens, "kv_cache_positions": positions,
+               "loss_s": round(loss_s, 2), "loss": loss["loss"], "image_gain": loss["image_gain"], "cached_generate_s": round(cached_s, 2),
+               "cached_eval_s": round(loss_s + cached_s, 2), "prefill_s": round(phases["prefill"], 2), "decode_s": round(phases["decode"], 2),
+               "answers_per_s": round(len(prompts) / cached_s, 1), "all_answers_full_length": all(len(g) == args.new_tokens for g in cached),
+               **({"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)} if cuda else {})}
         if args.uncached:
             uncached, uncached_s = timed(lambda: generate(False))
             res.update(uncached_generate_s=round(uncached_s, 2), uncached_eval_s=round(loss_s + uncached_s, 2),

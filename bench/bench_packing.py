@@ -4,14 +4,13 @@
     .venv/bin/python bench/bench_packing.py --shards data_shards/geo3k/train   # add a real shard set
     .venv/bin/python bench/bench_packing.py --make-shards 512     # only write .cache/bench/geo3k-like-512 (bench_throughput's)
 
-Data: the demo data (`geo3k demo-data`, 512 train problems through the real Qwen3-VL-2B processor, ~190 tokens)
-and Geo3K-like shards (2101 samples shaped like Geo3K's train split: 100-600 tokens, mostly image tokens,
-diagram-like patches that compress like the real ones). Fill = real tokens / (micro-batches x 4096) for the
-loader's plan (global batches of 128, dp=1 and dp=8), for the whole epoch packed as one stream (the packing
-algorithm alone), and for padding (b = floor(4096 / longest sample) samples a batch, padded to their longest);
-"of padded length" = real tokens / tokens computed. Throughput: one process on one core, one torch thread,
-`num_workers=0`, page cache warm: read, zstd-decode and pack a micro-batch, all that a loader worker does (pixel
-normalisation runs on the GPU in training).
+Data: the demo data (`geo3k demo-data`, 512 train problems through the real Qwen3-VL-2B processor, ~190 tokens) and
+Geo3K-like shards (2101 samples shaped like Geo3K's train split: 100-600 tokens, mostly image tokens, diagram-like
+patches that compress like the real ones). Fill = real tokens / (micro-batches x 4096) for the loader's plan (global
+batches of 128, dp=1 and dp=8), for the whole epoch packed as one stream (the packing algorithm alone), and for padding
+(b = floor(4096 / longest sample) samples a batch, padded to their longest); "of padded length" = real tokens / tokens
+computed. Throughput: one process on one core, one torch thread, `num_workers=0`, page cache warm: read, zstd-decode and
+pack a micro-batch, all that a loader worker does (pixel normalisation runs on the GPU in training).
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from shared.manifest import ShardSet, shard_name, write_index  # noqa: E402
 from shared.schema import Sample  # noqa: E402
-from train.data import DataConfig, SampleTable, build_loader, plan_epoch  # noqa: E402
-from train.data.reader import TarRecordReader  # noqa: E402
+from train.data import DataConfig, SampleTable, TarRecordReader, build_loader, plan_epoch  # noqa: E402
 
 BUDGET = 4096
 CACHE = REPO / ".cache" / "bench"
@@ -51,8 +49,7 @@ def demo_shard_set(num_train: int) -> Path:
 
     write_demo_data(out / "data", num_train=num_train, num_test=8, seed=0)
     cfg = load_config(None, [f"shards.output_dir={out / 'shards'}", "preprocess.fetch.cache_dir=", "shards.samples_per_shard=256"])
-    cfg.source.files = {"train": str(out / "data" / "train.parquet")}
-    cfg.source.splits = ["train"]
+    cfg.source.files, cfg.source.splits = {"train": str(out / "data" / "train.parquet")}, ["train"]
     run_preprocess(cfg, progress=False)
     return split
 
@@ -62,8 +59,7 @@ def geo3k_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     gh = rng.integers(6, 22, n)
     gw = np.clip(np.rint(gh * rng.uniform(0.7, 1.4, n)), 6, 24).astype(np.int64)
-    text = rng.integers(45, 130, n)
-    return np.stack([gh, gw], 1), text
+    return np.stack([gh, gw], 1), rng.integers(45, 130, n)  # text tokens
 
 
 def geo3k_like_shard_set(template: Path, n: int = 2101) -> Path:
@@ -77,27 +73,23 @@ def geo3k_like_shard_set(template: Path, n: int = 2101) -> Path:
     tmpl = ShardSet(template)
     ids, ps = tmpl.processor["special_ids"], tmpl.pixel_spec
     grids, text = geo3k_like_lengths(n)
-    rng = np.random.default_rng(1)
-    rows, shards = [], []
+    rng, rows, shards = np.random.default_rng(1), [], []
     for s0 in range(0, n, 256):
         name = shard_name(len(shards))
         w = ShardWriter(out / name, zstd_level=10)
         for i in range(s0, min(n, s0 + 256)):
-            gh, gw = (int(x) for x in grids[i])
-            n_img = gh * gw
+            n_img = int(grids[i].prod())
             prompt, answer = rng.integers(1000, 100000, int(text[i]) - 12), rng.integers(1000, 100000, 6)
             input_ids = np.concatenate([[ids["im_start"], 872, 198, ids["vision_start"]], np.full(n_img, ids["image_pad"]),
                                         [ids["vision_end"]], prompt, [ids["im_end"], 198, ids["im_start"], 77091, 198], answer,
                                         [ids["im_end"]]]).astype(np.int32)
-            loss_mask = np.zeros(input_ids.size, np.uint8)
-            loss_mask[-7:] = 1  # the answer and its <|im_end|>
+            loss_mask = (np.arange(input_ids.size) >= input_ids.size - 7).astype(np.uint8)  # the answer and its <|im_end|>
             # diagram-like pixels: white page, sparse dark strokes (compresses like the real diagrams)
             patches = np.full((n_img * 4, 3, ps.patch_size, ps.patch_size), 255, np.uint8)
             ink = rng.random(patches.shape[:1] + patches.shape[2:]) < 0.03
             patches[np.broadcast_to(ink[:, None], patches.shape)] = 30
-            key = f"{i:08d}"
-            w.write(Sample(key, input_ids, loss_mask, np.array([[1, 2 * gh, 2 * gw]], np.int32), patches, {"synthetic": True}))
-            rows.append(dict(key=key, shard=name, row=i, num_tokens=int(input_ids.size), num_image_tokens=n_img,
+            w.write(Sample(f"{i:08d}", input_ids, loss_mask, np.array([[1, *(2 * grids[i])]], np.int32), patches, {"synthetic": True}))
+            rows.append(dict(key=f"{i:08d}", shard=name, row=i, num_tokens=int(input_ids.size), num_image_tokens=n_img,
                              num_patches=n_img * 4, num_loss_tokens=7, num_images=1))
         w.close()
         shards.append({"name": name, "samples": w.num_samples})
@@ -109,10 +101,8 @@ def geo3k_like_shard_set(template: Path, n: int = 2101) -> Path:
 
 def packed_fill(table: SampleTable, dp_size: int, gbs: int) -> tuple[float, float]:
     """(fill of the plan, fill at the lower bound: k >= ceil(step tokens / (dp_size x budget)) micro-batches)."""
-    cfg = DataConfig(max_tokens_per_gpu=BUDGET, global_batch_size=gbs, drop_last=True)
-    plan = plan_epoch(table, cfg, 0, dp_size)
-    real = sum(st.num_tokens for st in plan.steps)
-    n_mb = sum(st.num_micro_batches * dp_size for st in plan.steps)
+    plan = plan_epoch(table, DataConfig(max_tokens_per_gpu=BUDGET, global_batch_size=gbs, drop_last=True), 0, dp_size)
+    real, n_mb = sum(st.num_tokens for st in plan.steps), sum(st.num_micro_batches * dp_size for st in plan.steps)
     bound = sum(-(-st.num_tokens // (dp_size * BUDGET)) * dp_size for st in plan.steps)
     return real / (n_mb * BUDGET), real / (bound * BUDGET)
 
@@ -139,8 +129,7 @@ def packed_rate(shards: Path, seconds: float) -> dict:
 
 def padded_rate(shards: Path, seconds: float) -> dict:
     """The same records through a padding collate: [b, L] ids, shifted labels and mask; uint8 patches concatenated."""
-    ss = ShardSet(shards)
-    table, reader = SampleTable.from_shard_set(ss), TarRecordReader(ss.root)
+    table, reader = SampleTable.from_shard_set(ShardSet(shards)), TarRecordReader(shards)
     b = BUDGET // int(table.num_tokens.max())
     order = np.random.default_rng(0).permutation(len(table))
     n_mb = tokens = at = 0
@@ -151,13 +140,11 @@ def padded_rate(shards: Path, seconds: float) -> dict:
         length = max(s.num_tokens for s in samples)
         ids, labels, mask = torch.zeros((b, length), dtype=torch.int64), torch.full((b, length), -100), torch.zeros((b, length), dtype=torch.bool)
         for j, s in enumerate(samples):
-            ids[j, : s.num_tokens] = torch.from_numpy(s.input_ids.astype(np.int64))
+            ids[j, : s.num_tokens], mask[j, : s.num_tokens] = torch.from_numpy(s.input_ids.astype(np.int64)), True
             labels[j, : s.num_tokens - 1] = torch.from_numpy(np.where(s.loss_mask[1:] == 1, s.input_ids[1:], -100))
-            mask[j, : s.num_tokens] = True
         torch.from_numpy(np.concatenate([s.patches for s in samples]))
         n_mb, tokens = n_mb + 1, tokens + sum(s.num_tokens for s in samples)
-    dt = time.perf_counter() - t0
-    return {"mb_s": n_mb / dt, "tok_s": tokens / dt, "b": b}
+    return {"mb_s": n_mb / (dt := time.perf_counter() - t0), "tok_s": tokens / dt, "b": b}
 
 
 def main() -> None:
@@ -170,8 +157,7 @@ def main() -> None:
     demo = demo_shard_set(args.demo_samples)
     if args.make_shards:
         return print(geo3k_like_shard_set(demo, args.make_shards))
-    like = geo3k_like_shard_set(demo)
-    sets = [("demo data", demo), ("Geo3K-like", like)] + [(str(p), p) for p in args.shards]
+    sets = [("demo data", demo), ("Geo3K-like", geo3k_like_shard_set(demo))] + [(str(p), p) for p in args.shards]
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, pinned to 1; torch {torch.__version__}; budget {BUDGET}")

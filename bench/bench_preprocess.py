@@ -39,17 +39,12 @@ from shared.presets import load_processor  # noqa: E402
 def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int, int, float]:
     out.mkdir(parents=True, exist_ok=True)
     processor = load_processor(model).processor  # loaded before the clock starts, as for geo3k (see main)
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    rows = pq.read_table(parquet).slice(0, limit).to_pylist()
-    total = 0
+    c0, t0 = time.process_time(), time.perf_counter()
+    rows, total = pq.read_table(parquet).slice(0, limit).to_pylist(), 0
     for i, row in enumerate(rows):
         img = to_rgb(Image.open(row["images"][0].removeprefix("file://")))
-        text = row["problem"].replace("<image>", "")
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]},
-            {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]},
-        ]
+        user = [{"type": "image", "image": img}, {"type": "text", "text": row["problem"].replace("<image>", "")}]
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]
         enc = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="np")
         for name in ("input_ids", "pixel_values", "image_grid_thw"):
             path = out / f"{i:08d}.{name}.npy"
@@ -61,10 +56,8 @@ def naive(parquet: Path, out: Path, model: str, limit: int) -> tuple[float, int,
 def ours(data: Path, out: Path, workers: int, model: str, limit: int, shard_size: int) -> tuple[float, int, int, float | None]:
     cfg = load_config(None, [f"shards.output_dir={out}", f"shards.samples_per_shard={shard_size}", f"preprocess.workers={workers}",
                              "preprocess.fetch.cache_dir=null", f"model.name_or_path={model}", f"source.max_rows={limit}"])
-    cfg.source.files = {"train": str(data / "train.parquet")}
-    cfg.source.splits = ["train"]
-    c0 = time.process_time()
-    t0 = time.perf_counter()
+    cfg.source.files, cfg.source.splits = {"train": str(data / "train.parquet")}, ["train"]
+    c0, t0 = time.process_time(), time.perf_counter()
     (s,) = run_preprocess(cfg, progress=False)
     # this process's CPU time covers one worker (run in-line, fetch threads included); workers of a pool
     # are the fork server's children, not ours, so their CPU time is not seen here

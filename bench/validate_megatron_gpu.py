@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,8 +53,6 @@ def hf_logits(hf, mb, image_token: int, merge: int) -> list[torch.Tensor]:
 
 
 def run_variant(variant: str, hf_config, ckpt: str, mb_host, world, lines: list[str], truth: dict) -> bool:
-    import transformers
-
     from shared.config import load_config
     from train.engine_megatron import MegatronEngine
 
@@ -104,8 +103,6 @@ def main() -> None:
     p.add_argument("--preset", default="qwen3-vl-2b", help="preset name or checkpoint folder (architecture only)")
     p.add_argument("--variants", default="fp32,bf16,bf16+compiled", help="comma list of fp32, bf16, bf16+compiled; fp32 first")
     args = p.parse_args()
-    import transformers
-
     from train.data import DataConfig, build_loader
     from train.distributed import destroy, init_distributed
     from train.models import load_hf_config

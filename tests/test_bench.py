@@ -1,6 +1,8 @@
 """bench/: the throughput summary counts MFU against the datasheet peak, and compare_runs reports losses and scaling."""
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ def test_throughput_summary_uses_the_datasheet_peak_and_the_measured_one_beside_
     assert s["mfu_measured_peak"] == pytest.approx(150 / 775) and s["data_wait"] == pytest.approx(0.01)
     failed = bench_throughput.Result("qwen3-vl-8b", "megatron", status="OOM")
     table = bench_throughput.markdown_table([r, failed], Peaks("NVIDIA H200", 989.4, 775.0))
-    assert "| qwen3-vl-2b | megatron | ok | 2000 | 5.0 | 20,000 | 10,000 | 97.7% | 150 | 15.2% | 19.4% | 1.00% | - |" in table
+    assert "| qwen3-vl-2b | megatron | ok | 2000 | 5.0 | 20,000 | 10,000 | - | 97.7% | 150 | 15.2% | 19.4% | 1.00% | - |" in table
     assert "| qwen3-vl-8b | megatron | OOM | - |" in table
 
 
@@ -37,3 +39,27 @@ def test_compare_runs_reports_loss_differences_and_scaling(tmp_path, monkeypatch
     assert "| 3 | 1.2000 | 1.2120 |  |" in out
     assert "| dp2 | 2 | 3 | 1.00e-02 | 190 | 95.0% | 20.0% | 0.0 |" in out
     assert "| missing | 1 | 0 | (no metrics) |" in out
+
+
+def test_the_transformers_baseline_trains_padded_batches_of_the_packed_steps_samples(demo_shards, tmp_path, monkeypatch):
+    """The `transformers` variant through main() on CPU: finite losses, the real tokens of the loader's timed step
+    (the same samples as the packed variants), padding computed but not counted, and the "x baseline" column."""
+    from train.data import DataConfig, build_loader
+
+    for name in ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT"):  # main() and init_distributed set them
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    out = tmp_path / "throughput.json"
+    bench_throughput.main(["--shards", str(demo_shards / "train"), "--device", "cpu", "--presets", "tiny-qwen3-vl", "--steps", "1",
+                           "--warmup", "1", "--global-batch-size", "8", "--variants", "transformers", "--out", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["status"] == "ok" and len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    cfg = DataConfig(global_batch_size=8, num_workers=0)
+    packed, padded = (iter(loader(demo_shards / "train", cfg)) for loader in (build_loader, bench_throughput.PaddedLoader))
+    packed, padded = [next(packed), next(packed)][1], [next(padded), next(padded)][1]  # the timed step
+    ((real, computed, flops, mbs),) = r["counts"]
+    assert real == packed.num_tokens == padded.num_tokens == r["tokens_per_step"] and sorted(padded.keys) == sorted(packed.keys)
+    shapes = [(len(mb.keys), mb.max_seqlen) for mb in padded.micro_batches]  # B x longest, within the budget
+    assert computed == sum(b * n for b, n in shapes) > real and all(b * n <= 4096 for b, n in shapes) and mbs == len(shapes) and flops > 0
+    table = bench_throughput.markdown_table([bench_throughput.Result(**{k: r[k] for k in ("preset", "variant", "status", "losses", "step_s",
+                                                                                          "data_s", "counts")})], Peaks("cpu", None, None))
+    assert "| real tokens/s | x baseline |" in table and f"| {r['tokens_per_s']:,.0f} | 1.00 | {real / computed:.1%} |" in table
