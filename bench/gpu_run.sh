@@ -4,12 +4,12 @@
 #                                              # and webdataset into .gpuwheels; demo shards, Geo3K-like shards into .cache/gpu
 #   bash bench/gpu_run.sh throughput validate  # on the GPU machine, offline: carry .gpuwheels and .cache/gpu
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
-#   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron with compiled and eager layers, FSDP; 4B Megatron
+#   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
-#   dense       2B and 4B, `geo3k train` 12 steps each on the demo shards: speed, MFU, peak memory beside the plan
+#   dense       2B, `geo3k train` 20 steps on the demo shards (speed, MFU, compiles per step), again 4 on warm caches
 #   eval        bench_eval.py: Qwen3-VL-2B (random init) on 601 real-diagram problems, loss + 64-token answers, KV-cached
 #               and uncached; then `geo3k eval` of a tiny checkpoint on the GPU
 #   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
@@ -70,8 +70,8 @@ resumed() {
 for part in "$@"; do
   case $part in
   throughput)
-    TORCH_LOGS=recompiles timeout 560 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets qwen3-vl-2b,qwen3-vl-4b \
-      --variants megatron megatron:compile_layers=false fsdp --time-limit-s 430 --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+    TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets qwen3-vl-2b,qwen3-vl-4b \
+      --variants megatron fsdp transformers ${VARIANTS:-} --time-limit-s 330 --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
     ;;
   validate)
@@ -99,11 +99,11 @@ for part in "$@"; do
     $PY bench/compare_runs.py $W moe-grouped moe-sequential moe-grouped-3072 $([ -n "${SKIP_FSDP:-}" ] || echo moe-fsdp) | tee "$OUT/moe-compare.md"
     ;;
   dense)
-    rm -rf $W/dense-*
-    for model in qwen3-vl-2b qwen3-vl-4b; do
-      train "dense-$model" 200 --set model.name_or_path=$model --set train.random_init=true --set train.train_iters=12
-    done
-    $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-4b | tee "$OUT/dense-compare.md"
+    rm -rf $W/dense-* $W/compile-cache
+    ( export TORCHINDUCTOR_CACHE_DIR=$W/compile-cache
+      train dense-qwen3-vl-2b 200 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20
+      train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 )
+    $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-2b-rerun | tee "$OUT/dense-compare.md"
     ;;
   eval)
     timeout 420 $PY bench/bench_eval.py --shards $REAL --preset qwen3-vl-2b --new-tokens 64 --uncached > "$OUT/bench_eval.log" 2>&1

@@ -110,6 +110,42 @@ class _TorchOptimizer:
         return ok, norm, None
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Megatron's multi_tensor_l2norm interface: the norm of all tensors, as a [1] fp32 CUDA tensor, in two
+    kernels. Megatron's Apex-free fallback builds a host tensor from one CUDA scalar per tensor: a host sync per
+    parameter (541 a step for Qwen3-VL-2B), each draining the GPU queue."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Megatron's multi_tensor_scale interface (dst = src * scale) as foreach kernels (the fallback: two per tensor)."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _fast_torch_optimizer(optimizer) -> None:
+    """Without Apex or Transformer Engine Megatron-Core steps torch's AdamW in its default (foreach) form and
+    takes gradient norms and clipping scales through per-tensor Python fallbacks. Here: torch's fused AdamW
+    (one kernel pass over the fp32 master shards; the same update rule) and foreach norm and scale. Installed
+    only in place of Megatron's local fallbacks; with Apex or TE their kernels stay."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    if clip_grads.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if isinstance(adam, torch.optim.AdamW) and not adam.state:  # before its first step: the state is made fused
+            for group in adam.param_groups:
+                group.update(fused=True, foreach=False)
+
+
 class MegatronEngine(Engine):
     name = "megatron"
     kv_cache = True
@@ -188,7 +224,8 @@ class MegatronEngine(Engine):
             wrapped = Float16Module(model.config, model) if bf16 else model
             self.model = DistributedDataParallel(
                 model.config,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False),
+                DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.grad_reduce_in_fp32, use_distributed_optimizer=True,
+                                              overlap_grad_reduce=False),
                 wrapped,
             )
             self.optimizer = get_megatron_optimizer(
@@ -207,6 +244,7 @@ class MegatronEngine(Engine):
                 ),
                 [self.model],
             )
+            _fast_torch_optimizer(self.optimizer)
         else:
             self.model = _LocalDDP(model)
             self.optimizer = _TorchOptimizer(model, cfg)

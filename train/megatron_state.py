@@ -116,7 +116,7 @@ def load_optimizer_state(optimizer, named_params: list[tuple[str, torch.nn.Param
         if name not in saved:
             continue
         if not distributed:
-            target, shard = p, {k: v for k, v in saved[name].items() if k != "master"}
+            target, shard, fused = p, {k: v for k, v in saved[name].items() if k != "master"}, False
             st = optimizer.state[target]
         else:
             owner = _owner(_distributed_optimizers(optimizer), p)
@@ -126,12 +126,13 @@ def load_optimizer_state(optimizer, named_params: list[tuple[str, torch.nn.Param
             shard = {k: v.reshape(-1)[r.start : r.end] for k, v in saved[name].items()}
             target.data.copy_(shard.pop("master").to(target.device))
             st = opt.optimizer.state[target]
+            fused = any(g.get("fused") for g in opt.optimizer.param_groups)
         for k, v in shard.items():
             if tuple(v.shape) != tuple(target.shape):
                 raise CheckpointLayoutError(f"{name}: saved {k} of shape {tuple(v.shape)} != {tuple(target.shape)}")
             st[k] = v.to(device=target.device, dtype=target.dtype).clone()
-        # one step tensor per parameter (torch AdamW increments each in place)
-        st["step"] = torch.tensor(step, dtype=torch.float32)
+        # one step tensor per parameter (torch AdamW increments each in place); fused AdamW keeps it on the device
+        st["step"] = torch.tensor(step, dtype=torch.float32, device=target.device if distributed and fused else "cpu")
 
 
 # ---------------------------------------------------------------- files and resharding

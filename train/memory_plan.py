@@ -9,9 +9,9 @@ sorts them the way the layout places them:
 - vocabulary (embedding, LM head) and the language model's matrices: split over TP;
 - experts: split over TP x EP.
 
-Megatron backend, bf16 (per parameter held on the GPU): 2 bytes of bf16 weights, 4 of fp32 gradient buffer, and
-12 of fp32 master weight + Adam moments, the latter sharded by the distributed optimizer over the data-parallel
-ranks (the experts over the expert-data-parallel ranks). FSDP: fp32 master weights, gradients and Adam moments
+Megatron backend, bf16 (per parameter held on the GPU): 2 bytes of bf16 weights, 4 of fp32 gradient buffer (2 with
+train.grad_reduce_in_fp32 off), and 12 of fp32 master weight + Adam moments, the latter sharded by the distributed
+optimizer over the data-parallel ranks (the experts over the expert-data-parallel ranks). FSDP: fp32 master weights, gradients and Adam moments
 (16 bytes) sharded over all ranks, plus bf16 copies of the largest blocks being gathered and the root's
 parameters (embeddings, LM head, patch embedding and mergers), which stay gathered.
 
@@ -140,7 +140,7 @@ def plan(hf_config, tc, world_size: int, image_token_fraction: float = 0.85) -> 
         dense = c.vision + c.norms + (c.vocab + c.split) / tp
         experts = c.experts / (tp * ep)
         weights = 2 * (dense + experts) if tc.bf16 else 4 * (dense + experts)
-        grads = 4 * (dense + experts)
+        grads = (4 if tc.grad_reduce_in_fp32 or not tc.bf16 else 2) * (dense + experts)
         optimizer = 12 * (dense / dp + experts / edp) if tc.bf16 else 8 * (dense + experts)
         layout = (f"Megatron, {world_size} GPU(s): TP {tp}{' + SP' if tc.sequence_parallel else ''}, EP {ep}, DP {dp}, "
                   f"{'bf16' if tc.bf16 else 'fp32'}, recompute {tc.recompute}")

@@ -123,6 +123,8 @@ class MetricsLogger:
         if v.get("peak_mem_gib") is not None:
             parts.append(f"mem {v['peak_mem_gib']:.1f} GiB")
         parts.append(f"{v['step_s']:.2f} s/step")
+        if v.get("new_graphs"):  # torch.compile ran in this step (its time is in s/step)
+            parts.append(f"compiled {v['new_graphs']} graphs")
         parts.append(f"ETA {_fmt_duration(eta_s)}")
         return " | ".join(parts)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters as dynamo_counters
 
 from shared.config import PipelineConfig
 from shared.errors import UserError
@@ -559,7 +560,10 @@ class Trainer:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 lr = lr_at(self.step, self.total_steps, tc)
+                graphs = dynamo_counters["stats"]["unique_graphs"]
                 out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
+                # graphs torch.compile built in this step (compiled layers): step 1 compiles, later steps should not
+                new_graphs = dynamo_counters["stats"]["unique_graphs"] - graphs
                 flops = self.flops.step(gstep.micro_batches)
                 stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
                 if dist.is_initialized() and w.world_size > 1:
@@ -589,6 +593,7 @@ class Trainer:
                     **self.peaks.mfu(tflops / w.dp),  # mfu (datasheet peak) and mfu_measured_peak
                     "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                     "epoch": gstep.epoch,
+                    "new_graphs": new_graphs or None,
                     **{k: v for k, v in out.items() if k.startswith("moe_")},
                 }
                 self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})

@@ -67,7 +67,9 @@ _RECOMPILE_LIMIT = 32
 @functools.cache
 def _compiled(fn):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    from train.models.layer_compile import _inductor_options  # no size-range guards from mix-order reduction
+
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=_inductor_options())
 
 
 def _tokens_dynamic(*tensors: torch.Tensor) -> None:

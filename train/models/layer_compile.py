@@ -39,14 +39,27 @@ def _install_warn_substitute() -> None:
         return None
 
 
+def _inductor_options() -> dict:
+    """Inductor's mix-order reduction (Triton) fuses a norm's backward row reduction with its weight-gradient column
+    reduction, but only past size thresholds that it checks on the token count (tokens x hidden >= 5 Mi, tokens >=
+    2 x hidden, tokens >= 4096) and turns into guards: on an H100 the decoder layer compiled 3 times and the vision
+    block 4 (ranges such as 2560 <= tokens <= 4095), the last ones whenever a micro-batch of a new range first came,
+    some steps into training. Its non-strict mode skips those heuristics (fuses at every size), so one graph serves
+    every micro-batch length; a torch without that mode leaves the fusion out, for the same reason."""
+    triton = torch._inductor.config.triton
+    if hasattr(triton, "mix_order_reduction_non_strict_mode"):
+        return {"triton.mix_order_reduction_non_strict_mode": True}
+    if hasattr(triton, "mix_order_reduction"):
+        return {"triton.mix_order_reduction": False}
+    return {}
+
+
 @functools.cache
 def _compiled(fn):
     _install_warn_substitute()
-    # Inductor adds size-range guards (where 32-bit indexing stops being safe, where two loops may fuse), so on
-    # an H100 the vision block compiled 4 times and the decoder layer 3 times over real micro-batch lengths,
-    # all in the first steps; past Dynamo's default limit of 8 a new length would run eagerly.
+    # A safety margin: past Dynamo's default limit of 8 graphs per function a new shape would run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(fn, dynamic=True, options=_inductor_options())
 
 
 def compile_language_layers(language_model) -> int:
