@@ -218,8 +218,9 @@ class TrainConfig:
     """On GPUs, compile RMSNorm, RoPE and SwiGLU into fused kernels (torch.compile; train/models/fused.py)."""
     compile_layers: bool = True
     """On GPUs, compile each decoder layer and each vision block whole (torch.compile; train/models/layer_compile.py):
-    one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies to
-    dense models with tensor_parallel 1 and recompute none (the measured case); elsewhere layers stay eager."""
+    one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies with
+    recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's hooks left
+    eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
     attention_backend: str = "auto"
     """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: flash_attn
     if installed, else torch_varlen on GPUs, sdpa on CPU or in fp32), or one of flash_attn, torch_varlen, sdpa

@@ -13,7 +13,10 @@ Megatron-Core (an optional dependency).
     sharding  `fully_shard` on each decoder layer and vision block (the model's `_no_split_modules`), then the
               root (embeddings, tied LM head, final norm, patch embedding and mergers). One data-parallel mesh
               over all processes; no tensor parallelism. On GPUs bf16 compute with fp32 sharded master weights
-              and fp32 gradient reduction (MixedPrecisionPolicy); on CPU plain fp32 (gloo)
+              and fp32 gradient reduction (MixedPrecisionPolicy); on CPU plain fp32 (gloo). One process gathers
+              each layer once per step, not in every forward and backward (a gather is a copy there)
+    compile   on GPUs (train.compile_layers, recompute none) each decoder layer and vision block runs as one
+              compiled graph, shared by all layers of a kind; FSDP's hooks stay eager around it (layer_compile.py)
     recompute train.recompute != none -> transformers' gradient checkpointing on every layer and vision block
               (non-reentrant; FSDP2's hooks run inside the checkpointed call, which FSDP2 supports).
               "selective" has no transformers equivalent and is treated as "full"
@@ -22,8 +25,9 @@ Megatron-Core (an optional dependency).
               recomputed in backward, so the full [T, vocab] fp32 logits never exist. sum(CE) / (loss tokens
               of the *global* batch), gradients summed (not averaged) over ranks: the step's gradient is that of
               the global per-token mean, as the Megatron backend's
-    optimizer AdamW with Megatron's parameter groups (no decay on biases and 1-D weights), gradient clipping on
-              the global norm (DTensor-aware), the shared lr schedule (all in train/optim.py but the norm)
+    optimizer AdamW (fused on GPUs) with Megatron's parameter groups (no decay on biases and 1-D weights),
+              gradient clipping on the global norm (DTensor-aware), the shared lr schedule (all in train/optim.py
+              but the norm)
     ckpts     torch.distributed.checkpoint (DCP) of the model and optimizer state dicts, sharded per rank: a run
               resumes on any number of processes. `full_model_state` reads the model part back without a
               process group, for `geo3k export`
@@ -56,7 +60,7 @@ from train.distributed import World
 from train.engine import Engine, ForwardArgs
 from train.optim import build_adamw, clip_and_step
 from train.models.attention import use_varlen_attention
-from train.models.vision import encode_images, place_image_features
+from train.models.vision import encode_images, linear_patch_embed, place_image_features
 
 LOSS_CHUNK = 1024
 """Loss tokens per LM-head chunk: [1024, vocab 151936] fp32 logits are 0.6 GB, alive one chunk at a time."""
@@ -102,11 +106,26 @@ def build_hf_model(hf_config, init_from, seed: int, *, materialize: bool = True,
                 "(geo3k export) and set model.name_or_path to the export")
         model = AutoModelForImageTextToText.from_pretrained(str(init_from.weights), config=hf_config, **kwargs)
     use_varlen_attention(model)
+    language_model = model.model.language_model
+    if hasattr(language_model, "_deepstack_process"):  # Qwen3-VL: packed_forward passes the image positions
+        language_model._deepstack_process = types.MethodType(_deepstack_at_positions, language_model)
     if kwargs.get("experts_implementation") and getattr(model.config, "_experts_implementation", None) != "grouped_mm":
         import transformers
 
         print(f"note: transformers {transformers.__version__} kept its per-expert loop (no grouped_mm experts)", flush=True)
     return model
+
+
+def _deepstack_at_positions(self, hidden_states, positions, visual_embeds):
+    """Qwen3-VL's deepstack addition (`_deepstack_process`) at the image tokens' indices instead of under their
+    boolean mask: indexing by a mask sizes its output from the mask's contents, a host sync per use (two per
+    deepstack layer); `positions` (ascending, so in the mask's order) are the same rows, the same sums. A mask
+    (transformers' own forward) takes transformers' path."""
+    if positions.dtype == torch.bool:
+        return type(self)._deepstack_process(self, hidden_states, positions, visual_embeds)
+    positions = positions.to(hidden_states.device)
+    # one add per row at unique indices: exactly hidden + embeds there, as the masked version computes
+    return hidden_states.index_add(1, positions, visual_embeds.to(hidden_states.device, hidden_states.dtype)[None])
 
 
 def _fill_from_rank0(model: torch.nn.Module, source: torch.nn.Module | None, device: torch.device) -> None:
@@ -173,14 +192,13 @@ def packed_forward(
     zero = None
     if pixel_values is not None:
         feats, deep = _vision(core, pixel_values, image_grid_thw)
-        mask = input_ids == model.config.image_token_id
         if image_positions is None:
-            image_positions = mask.nonzero().squeeze(1)
+            image_positions = (input_ids == model.config.image_token_id).nonzero().squeeze(1)
         emb = place_image_features(emb, feats, image_positions)
         if deep:
-            # transformers adds the deepstack features at the masked positions itself (the Megatron model takes
-            # them as a dense tensor, train/models/qwen_vl.py)
-            lm_kwargs.update(visual_pos_masks=mask[None], deepstack_visual_embeds=[d.to(emb.dtype) for d in deep])
+            # transformers adds the deepstack features after the first decoder layers; its `visual_pos_masks` take
+            # the positions here (_deepstack_at_positions, installed by build_hf_model), not a mask: no host sync
+            lm_kwargs.update(visual_pos_masks=image_positions, deepstack_visual_embeds=[d.to(emb.dtype) for d in deep])
     elif dummy_vision is not None:
         feats, deep = _vision(core, *dummy_vision)
         zero = sum(t.sum() for t in [feats, *deep]) * 0.0
@@ -234,13 +252,23 @@ class FSDPEngine(Engine):
         if cfg.recompute != "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+        # the patch embedding (a Conv3d with kernel = stride) as the GEMM it is, as in the Megatron model's tower
+        linear_patch_embed(model.model.visual)
+
         mesh = init_device_mesh(world.device.type, (world.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
         blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
         if not blocks:
             raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
+        # With one process a "shard" is the whole parameter and a gather is a copy (and bf16 cast) of it, made
+        # again in each backward and each micro-batch's forward after resharding. So one process keeps what it
+        # gathered from the first forward of a step to the step's end: one bf16 copy of the model beside the fp32
+        # master (as Megatron's bf16 weights beside its optimizer's fp32 ones), instead of a layer or two at a
+        # time. _finish_step reshards before the optimizer changes the shards: FSDP's unshard is a no-op on an
+        # unsharded module, which would go on with the old weights.
+        self._reshard_after_forward = world.world_size > 1
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self._reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         _fill_from_rank0(model, source, world.device)
         del source
@@ -250,6 +278,8 @@ class FSDPEngine(Engine):
             # a divide factor alone becomes NCCL's PreMulSum, which gloo lacks
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+            if not self._reshard_after_forward and hasattr(m, "set_reshard_after_backward"):
+                m.set_reshard_after_backward(False, recurse=False)
         # ranks whose micro-batch leaves a parameter unused must still join its reduce-scatter. torch < 2.12
         # lacks the switch; there the dummy image below already keeps every parameter in use.
         if hasattr(model, "set_reduce_scatter_unused_params"):
@@ -259,7 +289,20 @@ class FSDPEngine(Engine):
         self.model = model
         self.inner = model
 
-        self.optimizer, self.params = build_adamw(model, cfg)
+        self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
+        # Per-layer compile (train/models/layer_compile.py), as under Megatron, with transformers' layers. After
+        # fully_shard, which swaps each layer's class for an FSDP subclass: the compiled function is the forward
+        # that class runs. Only the layer's forward is replaced (an instance attribute), so FSDP2's hooks (all-gather
+        # before, reshard after, the backward hooks on the inputs and outputs) run eagerly around the graph, and the
+        # graph reads the gathered parameters FSDP puts on the module. Recomputation (transformers' checkpointing
+        # around the forward) is untested compiled.
+        if cfg.compile_layers and self.cuda and cfg.recompute == "none":
+            from train.models.layer_compile import compile_hf_layers
+
+            self.compiled_layers = compile_hf_layers(model)
+
+        # torch's fused AdamW (one call for all parameters, train/optim.py) takes FSDP's DTensor shards
+        self.optimizer, self.params = build_adamw(model, cfg, fused=self.cuda)
         # a minimal image (one merged token) for micro-batches without one, so every rank runs the vision blocks
         v = hf_config.vision_config
         m = v.spatial_merge_size
@@ -284,6 +327,9 @@ class FSDPEngine(Engine):
         """Gradients were reduce-scattered in each backward: the global norm of the shards, clip, step."""
         from torch.distributed.tensor import DTensor
 
+        if not self._reshard_after_forward:
+            for m in self.fsdp_modules:  # the shards change in the step below: the next forward gathers them anew
+                m.reshard()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if isinstance(norm, DTensor):
@@ -309,7 +355,7 @@ class FSDPEngine(Engine):
             for m in self.fsdp_modules:
                 m.reshard()
                 if m is not self.model:  # the root keeps FSDP's own choice (no reshard after forward)
-                    m.set_reshard_after_forward(True, recurse=False)
+                    m.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -27,8 +27,12 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return name.endswith(".bias") or param.ndim == 1
 
 
-def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
-    """torch AdamW with Megatron's parameter groups; also returns the parameters (decayed first)."""
+def build_adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
+    """torch AdamW with Megatron's parameter groups; also returns the parameters (decayed first).
+
+    fused: torch's fused AdamW, one `_fused_adamw_` call over all parameters (FSDP's DTensor shards included),
+    instead of the default foreach implementation's dozen foreach ops, each a round of launches (and of DTensor
+    dispatch); for GPUs. False keeps torch's default."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -38,6 +42,7 @@ def build_adamw(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.A
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
+        fused=fused or None,  # None: torch's default (foreach where it can)
     )
     return optimizer, decay + no_decay
 

@@ -96,3 +96,29 @@ def compile_layers(model) -> tuple[int, int]:
     n_llm = compile_language_layers(model.language_model)
     n_vit = compile_vision_blocks(model.vision.model) if getattr(model, "pre_process", True) else 0
     return n_llm, n_vit
+
+
+def compile_hf_layers(model) -> tuple[int, int]:
+    """Compile a transformers Qwen-VL model's text decoder layers and vision blocks in place (the FSDP backend's
+    model, `AutoModelForImageTextToText`): (decoder layers, vision blocks).
+
+    Dense decoder layers run whole as one graph; a sparse MoE layer only its attention module (the routed experts
+    stay eager, as in `compile_language_layers`). Each layer's `forward` becomes an instance attribute, so
+    nn.Module.__call__ and the hooks on the layer (FSDP2's all-gather and reshard) stay outside the graph.
+
+    The per-micro-batch Python ints the layers take (`max_length_q/k` from the packed forward, the vision blocks'
+    `max_seqlen`) are graph inputs under dynamic=True, symbolic like the token count: they reach the attention op
+    as each micro-batch's own value, without a graph per value. transformers wraps every layer class's forward
+    in one checkpointing function (GradientCheckpointingLayer), so decoder layers and vision blocks share one
+    code object and so one Dynamo cache: a handful of graphs (view and non-view inputs, train and eval) against
+    the raised recompile limit."""
+    core = model.model
+    n = 0
+    for layer in core.language_model.layers:
+        if hasattr(layer.mlp, "experts"):
+            attn = layer.self_attn
+            attn.forward = functools.partial(_compiled(type(attn).forward), attn)
+        else:
+            layer.forward = functools.partial(_compiled(type(layer).forward), layer)
+        n += 1
+    return n, compile_vision_blocks(core.visual)

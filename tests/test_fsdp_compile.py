@@ -1,0 +1,188 @@
+"""The FSDP backend's speed-ups on CPU: compiled transformers layers under FSDP2, one process's gathers kept for the
+step, fused AdamW as an option.
+
+The engine compiles only on GPUs, so the test calls `compile_hf_layers` on a CPU engine's FSDP-sharded model
+itself. As in tests/test_layer_compile.py, a stand-in custom op takes the place of torch's `varlen_attn` (our exact
+CPU attention loops over segments in Python, a graph break); this one also takes `max_seqlen` and checks it, as
+`varlen_attn` takes it on GPUs: the Python ints that change with every micro-batch (transformers' `max_length_q/k`,
+the vision blocks' `max_seqlen`) must reach the op as the micro-batch's own values, without a graph per value.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import models_fixtures as fx
+from tests.test_layer_compile import _standin_bwd
+from train.models import attention
+
+
+@torch.library.custom_op("geo3k_test_fsdp::varlen_attn", mutates_args=())
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int, causal: bool,
+              scale: float) -> torch.Tensor:
+    longest = int((cu[1:] - cu[:-1]).max())
+    assert max_seqlen == longest, f"attention got max_seqlen {max_seqlen} for segments of at most {longest} tokens"
+    return attention._sdpa_loop(q, k, v, cu, causal, scale)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, cu, max_seqlen, causal, scale):
+    return torch.empty_like(q)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.causal, ctx.scale = inputs[5], inputs[6]
+
+
+def _backward(ctx, g):
+    q, k, v, cu = ctx.saved_tensors
+    dq, dk, dv = _standin_bwd(g, q, k, v, cu, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def varlen_attn_standin(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature (the parts this code uses)."""
+    causal = tuple(window_size) == (-1, 0)
+    return _attn_fwd(query, key, value, cu_seq_q, max_q, causal, float(scale if scale is not None else query.shape[-1] ** -0.5))
+
+
+@pytest.fixture
+def standin_varlen(monkeypatch):
+    monkeypatch.setattr(attention, "_TORCH_VARLEN", (varlen_attn_standin, frozenset(inspect.signature(varlen_attn_standin).parameters)))
+    monkeypatch.setattr(attention, "available_backends", lambda device, dtype: ["torch_varlen", "sdpa"])
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _engine(cfg, checkpoint, **train):
+    from shared.config import TrainConfig
+    from tests.megatron_cpu import init_cpu_group
+    from train.distributed import World
+    from train.engine_fsdp import FSDPEngine
+    from train.models.source import resolve_source
+
+    init_cpu_group()
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, dp=1, dp_rank=0, tp_rank=0)
+    return FSDPEngine(cfg, TrainConfig(bf16=False, **train), world, init_from=resolve_source(str(checkpoint), pretrained=True))
+
+
+def _micro_batch(hf, seed, grids):
+    """A packed micro-batch of one sample per image grid, as the data path gives it (positions shipped)."""
+    samples = [fx.make_sample(seed + i, [g]) for i, g in enumerate(grids)]
+    batch = fx.pack(samples, [fx.rope_positions(hf, s) for s in samples])
+    labels = batch["input_ids"].roll(-1).clone()
+    labels[::3] = -100
+    return SimpleNamespace(
+        **batch, labels=labels, num_images=len(grids), num_real_tokens=len(labels),
+        loss_positions=(labels != -100).nonzero().squeeze(1),
+        image_positions=(batch["input_ids"] == fx.IMAGE_TOKEN).nonzero().squeeze(1),
+    )
+
+
+def _grads(engine):
+    return {n: p.grad.full_tensor() for n, p in engine.model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_hf_layers_under_fsdp_equal_eager(standin_varlen, tmp_path):
+    """Qwen3-VL (deepstack) under FSDP2: compiled layers give the eager loss and gradients on micro-batches of
+    two lengths, sample counts and longest samples, with no graph break and no new graph for the second."""
+    from torch._dynamo.utils import counters
+
+    from train.models.layer_compile import compile_hf_layers
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=3, save_to=tmp_path)
+    eager, compiled = _engine(cfg, tmp_path), _engine(cfg, tmp_path)
+    assert compile_hf_layers(compiled.model) == (cfg.text_config.num_hidden_layers, cfg.vision_config.depth)
+    batches = [_micro_batch(hf, 10, [(1, 4, 4), (1, 8, 4)]), _micro_batch(hf, 20, [(1, 4, 8), (1, 4, 4), (1, 8, 8)])]
+    assert len(set(len(b.input_ids) for b in batches)) == 2 and len(set(b.max_seqlen for b in batches)) == 2
+    counters.clear()
+    graphs = []
+    for mb in batches:
+        # lr 0: the second micro-batch meets the same weights in both engines (the step itself is torch's)
+        out_e = eager.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=0.0)
+        out_c = compiled.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=0.0)
+        graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(out_c["loss_sum"], out_e["loss_sum"], rtol=1e-5, atol=0)
+        grads_e, grads_c = _grads(eager), _grads(compiled)
+        assert set(grads_c) == set(grads_e), "the compiled model must train the same parameters"
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
+    assert not counters["graph_break"], f"graph breaks in compiled layers: {dict(counters['graph_break'])}"
+    assert graphs[0] > 0 and graphs[1] == graphs[0], f"graphs after each micro-batch: {graphs} (a new length recompiled)"
+
+
+def test_one_process_keeps_gathered_weights_within_a_step_only(tmp_path):
+    """At world size 1 a layer stays gathered from its forward through its backward to the step's end; after the
+    step the next forward sees the new weights (FSDP would reuse a stale gathered copy), in eval too."""
+    from torch.distributed.tensor import DTensor
+
+    from train.engine import forward_args
+    from train.engine_fsdp import build_hf_model, packed_forward
+    from train.models.vision import linear_patch_embed
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=4, save_to=tmp_path)
+    engine = _engine(cfg, tmp_path, lr=1e-2)
+    batches = [_micro_batch(hf, 30, [(1, 4, 4), (1, 8, 4)]), _micro_batch(hf, 40, [(1, 4, 8)])]
+    before = engine.eval_loss(batches[0])
+
+    def gathered() -> bool:  # FSDP registers the gathered parameter on the module, the DTensor shard otherwise
+        return not isinstance(engine.model.model.language_model.layers[0].mlp.up_proj.weight, DTensor)
+
+    engine._start_step()
+    loss = engine.forward(forward_args(batches[0], labels=True), training=True)
+    assert gathered()
+    loss.backward()
+    assert gathered()
+    engine._finish_step()  # an optimizer step at the configured lr
+    assert not gathered()
+    after = [engine.eval_loss(batches[0])]
+    engine.train_step(batches, num_loss_tokens=sum(len(b.loss_positions) for b in batches), lr=1e-2)
+    with engine.evaluating():
+        after.append(engine.eval_loss(batches[0]))
+    after.append(engine.eval_loss(batches[0]))
+    # the stepped weights (read last: reading the state dict reshards) in a plain, unsharded model of the same code
+    plain = build_hf_model(cfg, None, 0)
+    linear_patch_embed(plain.model.visual)
+    plain.load_state_dict({k: v.full_tensor() for k, v in engine.model.state_dict().items()})
+    with torch.no_grad():
+        expected = packed_forward(plain, *forward_args(batches[0], labels=True))
+    assert not torch.equal(after[0], before) and not torch.equal(after[1], after[0])
+    torch.testing.assert_close(after[1], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(after[2], expected, rtol=1e-6, atol=0)
+
+
+def test_build_adamw_fused_flag(tmp_path):
+    """fused=False (the default) keeps torch's default AdamW; fused=True steps FSDP's DTensor shards the same."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from shared.config import TrainConfig
+    from train.optim import build_adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    default, params = build_adamw(model, TrainConfig())
+    assert [g["fused"] for g in default.param_groups] == [None, None]  # as before the flag
+    assert len(params) == 4 and [len(g["params"]) for g in default.param_groups] == [1, 3]
+    assert all(g["fused"] for g in build_adamw(model, TrainConfig(), fused=True)[0].param_groups)
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=5, save_to=tmp_path)
+    engine = _engine(cfg, tmp_path, lr=1e-2)
+    mb = _micro_batch(hf, 50, [(1, 4, 4)])
+    start = {n: p.detach().full_tensor().clone() for n, p in engine.model.named_parameters()}
+    engine.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=1e-2)
+    expected = {n: p.detach().full_tensor().clone() for n, p in engine.model.named_parameters()}
+    with torch.no_grad():  # back to the start, with a fused optimizer (fresh state, as the first one had)
+        for n, p in engine.model.named_parameters():
+            p.copy_(distribute_tensor(start[n], p.device_mesh, p.placements))
+    engine.optimizer, engine.params = build_adamw(engine.model, engine.cfg, fused=True)
+    engine.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=1e-2)
+    for n, p in engine.model.named_parameters():
+        torch.testing.assert_close(p.detach().full_tensor(), expected[n], rtol=1e-6, atol=1e-7, msg=n)
