@@ -67,7 +67,9 @@ def test_expert_parallel_trains_the_same_model(runs, tiny_moe_checkpoint, tmp_pa
     init = load_file(str(tiny_moe_checkpoint / "model.safetensors"))
     (tensor, tk), (update, uk) = max_relative_differences(weights["ep2"], weights["one"], init)
     print(f"EP=2 vs 1 process: max relative difference of a tensor {tensor:.2e} ({tk}), of an update {update:.2e} ({uk})")
-    assert tensor <= 1e-5 and update <= 1e-3
+    # The dense weights are data-parallel over the two EP ranks, so the bounds are the dense DP=2 and TP=2
+    # ones of test_parallel_layouts: fp32 gradients summed in another order differ by ~1e-5 of a weight.
+    assert tensor <= 2e-5 and update <= 5e-4
 
 
 def test_routing_metrics_are_logged_and_agree_across_layouts(runs):
