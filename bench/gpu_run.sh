@@ -5,11 +5,14 @@
 #   bash bench/gpu_run.sh throughput validate  # on the GPU machine, offline: carry .gpuwheels and .cache/gpu
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
+#               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
+#   attention   gpu_attention.py: cuDNN against flash attention (varlen_attn) at the 2B model's shapes
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
 #   dense       2B, `geo3k train` 20 steps on the demo shards (speed, MFU, compiles per step), again 4 on warm caches
+#               ($DENSE_SET: more --set arguments for both runs)
 #   eval        bench_eval.py: Qwen3-VL-2B (random init) on 601 real-diagram problems, loss + 64-token answers, KV-cached
 #               and uncached; then `geo3k eval` of a tiny checkpoint on the GPU
 #   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
@@ -70,9 +73,14 @@ resumed() {
 for part in "$@"; do
   case $part in
   throughput)
-    TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets qwen3-vl-2b,qwen3-vl-4b \
-      --variants megatron fsdp transformers ${VARIANTS:-} --time-limit-s 330 --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+    TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} \
+      --variants ${BASE_VARIANTS:-megatron fsdp transformers} ${VARIANTS:-} ${PROFILE:+--profile} --time-limit-s 330 \
+      --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
+    ;;
+  attention)
+    timeout 150 $PY bench/gpu_attention.py > "$OUT/attention.md" 2> "$OUT/attention.log"
+    echo "== attention rc=$?"; cat "$OUT/attention.md"
     ;;
   validate)
     timeout 400 $PY bench/validate_megatron_gpu.py --shards $LIKE > "$OUT/megatron-gpu.log" 2> "$OUT/validate.log"
@@ -101,8 +109,8 @@ for part in "$@"; do
   dense)
     rm -rf $W/dense-* $W/compile-cache
     ( export TORCHINDUCTOR_CACHE_DIR=$W/compile-cache
-      train dense-qwen3-vl-2b 200 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20
-      train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 )
+      train dense-qwen3-vl-2b 200 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20 ${DENSE_SET:-}
+      train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 ${DENSE_SET:-} )
     $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-2b-rerun | tee "$OUT/dense-compare.md"
     ;;
   eval)
@@ -135,7 +143,7 @@ load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
     train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
     $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
     ;;
-  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
+  *) echo "unknown part $part (prepare, throughput, attention, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
   esac
 done
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)

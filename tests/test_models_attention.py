@@ -109,3 +109,60 @@ def test_mrope_angles_equal_transformers(family, section):
     cos, sin = rotary(x, pos)
     angles = mrope_angles(pos, rope_inv_freq(128, theta), section, interleaved=family == "qwen3_vl")
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
+
+
+def _cudnn_standin(monkeypatch):
+    """aten's cuDNN attention pair, with their calling convention, computed per segment on CPU. The log-sum-exp is
+    handed back as [T, H, 1], another layout than the [H, T] the wrapper's fake promises: the wrapper must keep the
+    kernel's own layout between forward and backward."""
+    from train.models import attention
+
+    def forward(q, k, v, bias, cu, cu_k, max_q, max_k, lse_wanted, dropout, causal, debug, *, scale):
+        assert bias is None and dropout == 0.0 and lse_wanted and torch.equal(cu, cu_k) and q.is_contiguous()
+        s = torch.einsum("thd,shd->hts", q, k) * scale
+        allowed = _block_mask((cu[1:] - cu[:-1]).tolist(), causal)
+        s = s.masked_fill(~allowed, float("-inf"))
+        lse = s.logsumexp(-1)  # [H, T]
+        out = torch.einsum("hts,shd->thd", (s - lse[..., None]).exp(), v)
+        return out, lse.transpose(0, 1)[..., None], cu, cu, max_q, max_k, None, None, None
+
+    def backward(g, q, k, v, out, lse, seed, offset, bias, cu, cu_k, max_q, max_k, dropout, causal, *, scale):
+        assert lse.shape == (q.shape[0], q.shape[1], 1), "the backward must get the forward's log-sum-exp layout"
+        s = torch.einsum("thd,shd->hts", q, k) * scale
+        p = (s - lse[..., 0].transpose(0, 1)[..., None]).exp() * _block_mask((cu[1:] - cu[:-1]).tolist(), causal)
+        dv = torch.einsum("hts,thd->shd", p, g)
+        dp = torch.einsum("thd,shd->hts", g, v)
+        ds = p * (dp - (g * out).sum(-1).transpose(0, 1)[..., None])
+        return torch.einsum("hts,shd->thd", ds, k) * scale, torch.einsum("hts,thd->shd", ds, q) * scale, dv
+
+    monkeypatch.setitem(attention._CUDNN_KERNELS, "forward", forward)
+    monkeypatch.setitem(attention._CUDNN_KERNELS, "backward", backward)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cudnn_backend_wiring_equals_sdpa(monkeypatch, compiled):
+    """The cuDNN backend's custom ops (autograd, the log-sum-exp layout, grouped kv heads, a compiled caller with
+    dynamic lengths) around a stand-in kernel, against the exact per-segment backend. The kernel itself runs on
+    Hopper GPUs only: bench/gpu_attention.py checks it against flash attention there."""
+    _cudnn_standin(monkeypatch)
+    torch._dynamo.reset()
+
+    def attend(q, k, v, cu, max_len, causal, backend):
+        return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
+
+    run = torch.compile(attend, dynamic=True, fullgraph=True) if compiled else attend
+    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 4)]:
+        torch.manual_seed(len(lens))
+        T, H, D = sum(lens), 4, 8
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        leaves = [torch.randn(T, h, D, requires_grad=True) for h in (H, kv_heads, kv_heads)]
+        results = []
+        for backend, fn in (("sdpa", attend), ("cudnn", run)):
+            out = fn(*leaves, cu, max(lens), causal, backend)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), leaves)
+            results.append((out, grads))
+        (ref, ref_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
