@@ -6,7 +6,6 @@
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
-#   attention   gpu_attention.py: cuDNN against flash attention (varlen_attn) at the 2B model's shapes
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
@@ -78,10 +77,6 @@ for part in "$@"; do
       --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
     ;;
-  attention)
-    timeout 150 $PY bench/gpu_attention.py > "$OUT/attention.md" 2> "$OUT/attention.log"
-    echo "== attention rc=$?"; cat "$OUT/attention.md"
-    ;;
   validate)
     timeout 400 $PY bench/validate_megatron_gpu.py --shards $LIKE > "$OUT/megatron-gpu.log" 2> "$OUT/validate.log"
     echo "== validate rc=$?"; grep -E "^##|^ *all|floor|compiled vs|PASS|FAIL" "$OUT/megatron-gpu.log"
@@ -143,7 +138,7 @@ load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
     train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
     $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
     ;;
-  *) echo "unknown part $part (prepare, throughput, attention, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
+  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
   esac
 done
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)

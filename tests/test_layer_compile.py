@@ -138,3 +138,28 @@ def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
     # add one: their attention half (the expert half runs eagerly).
     graphs = 3 + (family == "qwen3_vl_moe")
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
+def test_a_compiled_graph_follows_the_forced_attention_backend(monkeypatch):
+    """A graph traced under one train.attention_backend is not reused once set_backend names another (a benchmark
+    runs variants of several backends in one process): the compiled caller guards on the forced name."""
+    import inspect
+
+    def marked_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return varlen_attn_standin(query, key, value, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size) * 0
+
+    monkeypatch.setattr(attention, "_TORCH_VARLEN", (marked_varlen, frozenset(inspect.signature(marked_varlen).parameters)))
+    monkeypatch.setattr(attention, "available_backends", lambda device, dtype: ["torch_varlen", "sdpa"])
+    torch._dynamo.reset()
+    attend = torch.compile(lambda q, cu: attention.varlen_attention(q, q, q, cu, 6, causal=True), dynamic=True)
+    q, cu = torch.randn(10, 2, 4), torch.tensor([0, 4, 10], dtype=torch.int32)
+    try:
+        attention.set_backend("torch_varlen")
+        assert attend(q, cu).abs().max() == 0  # the marked stand-in ran
+        attention.set_backend("sdpa")
+        torch.testing.assert_close(attend(q, cu), attention.varlen_attention(q, q, q, cu, 6, causal=True, backend="sdpa"))
+        attention.set_backend("auto")
+        assert attend(q, cu).abs().max() == 0  # auto picks the first available: the stand-in again
+    finally:
+        attention.set_backend("auto")
+        torch._dynamo.reset()

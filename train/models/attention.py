@@ -10,8 +10,6 @@ Backends, picked per call by what is available (`select_backend`), unless `train
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
-- ``cudnn``: cuDNN's fused attention over the packed layout (`aten._cudnn_attention_forward` with cumulative
-  sequence lengths; Hopper or newer, fp16/bf16), as a custom op of ours. Never picked by auto; forced by name.
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 from shared.config import ConfigError
 from train.models import fused
 
-BACKENDS = ("flash_attn", "torch_varlen", "cudnn", "sdpa")
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 # One backend for every call (train.attention_backend), to compare kernels or to work around a broken one;
 # None picks the fastest available per call.
@@ -66,13 +64,8 @@ def _load_torch_varlen():
 _TORCH_VARLEN = _load_torch_varlen()
 
 
-def _cudnn_runs_on(device: torch.device) -> bool:
-    return (device.type == "cuda" and torch.version.hip is None and torch.backends.cudnn.is_available()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends that can run tensors of this device and dtype, the one auto picks first."""
+    """Backends that can run tensors of this device and dtype, fastest first."""
     names = []
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half:
@@ -80,8 +73,6 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("flash_attn")
         if _TORCH_VARLEN is not None:
             names.append("torch_varlen")
-        if _cudnn_runs_on(device):
-            names.append("cudnn")
     names.append("sdpa")
     return names
 
@@ -106,16 +97,22 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> ConfigE
     )
 
 
+def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+    # `_forced` is read here, in traced code, so that a compiled graph guards on it: a graph traced with one
+    # backend is not reused after set_backend names another (as a benchmark's next variant does in one process).
+    return _select_backend(device, dtype, _forced)
+
+
 # Evaluated once when a compiled layer is traced (the result is a constant of the graph): it imports
 # flash-attn lazily, which Dynamo does not trace.
 @torch.compiler.assume_constant_result
-def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _select_backend(device: torch.device, dtype: torch.dtype, forced: str | None) -> str:
     names = available_backends(device, dtype)
-    if _forced is None:
+    if forced is None:
         return names[0]
-    if _forced not in names:
-        raise _unavailable(_forced, device, dtype)
-    return _forced
+    if forced not in names:
+        raise _unavailable(forced, device, dtype)
+    return forced
 
 
 def varlen_attention(
@@ -148,10 +145,6 @@ def varlen_attention(
         )
     if backend == "torch_varlen":
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
-    if backend == "cudnn":
-        if q.shape[1] != k.shape[1]:
-            k, v = _repeat_kv(k, v, q.shape[1] // k.shape[1])
-        return cudnn_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
         return _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -185,74 +178,6 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
             # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
             kwargs["window_size"] = (-1, 0)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-
-
-# cuDNN's attention as custom ops: opaque to the compiler like `varlen_attn`, so a compiled layer calls the kernel
-# as it is. The fake functions promise contiguous tensors to the code compiled around the ops (Inductor checks
-# sizes and strides of an opaque op's outputs), so the real ones hand back contiguous tensors: the output as
-# [T, H, D] and the log-sum-exp flattened, its own shape (the kernel's choice) kept on the side for the backward.
-# Without dropout cuDNN reads no random state: the backward gets zeros for it, as torch's own varlen op passes.
-_LSE_LAYOUT: dict[str, tuple] = {}
-# The kernels, by name here so that a CPU test can put a stand-in of the same calling convention in their place.
-_CUDNN_KERNELS = {"forward": torch.ops.aten._cudnn_attention_forward, "backward": torch.ops.aten._cudnn_attention_backward}
-
-
-def _lse_pattern(shape, tokens: int, heads: int) -> tuple:
-    return tuple("T" if d == tokens else "H" if d == heads else d for d in shape)
-
-
-@torch.library.custom_op("geo3k::cudnn_varlen_attn_fwd", mutates_args=())
-def _cudnn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int, causal: bool,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _CUDNN_KERNELS["forward"](
-        q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max_seqlen, max_seqlen, True, 0.0, causal, False,
-        scale=scale,
-    )[:2]
-    _LSE_LAYOUT["lse"] = _lse_pattern(lse.shape, q.shape[0], q.shape[1])
-    return out.contiguous(), lse.contiguous().reshape(-1)
-
-
-@_cudnn_fwd.register_fake
-def _(q, k, v, cu, max_seqlen, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[0] * q.shape[1], dtype=torch.float32)
-
-
-@torch.library.custom_op("geo3k::cudnn_varlen_attn_bwd", mutates_args=())
-def _cudnn_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-               cu: torch.Tensor, max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens, heads = q.shape[0], q.shape[1]
-    lse = lse.view([tokens if d == "T" else heads if d == "H" else d for d in _LSE_LAYOUT["lse"]])
-    rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    dq, dk, dv = _CUDNN_KERNELS["backward"](
-        g.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, rng, rng, None, cu, cu,
-        max_seqlen, max_seqlen, 0.0, causal, scale=scale,
-    )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_cudnn_bwd.register_fake
-def _(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
-def _cudnn_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
-
-
-def _cudnn_backward(ctx, g, _g_lse):
-    q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = _cudnn_bwd(g, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-_cudnn_fwd.register_autograd(_cudnn_backward, setup_context=_cudnn_setup)
-
-
-def cudnn_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-    """q, k, v [T, H, D] (as many kv heads as query heads) -> [T, H, D], through cuDNN's packed attention."""
-    return _cudnn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, float(softmax_scale))[0]
 
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
