@@ -36,6 +36,7 @@ def rel(a, b) -> float:
 def hf_logits(hf, mb, image_token: int, merge: int) -> list[torch.Tensor]:
     """transformers' logits of each sample of the packed micro-batch, run alone."""
     cu, grids, out, img = mb.cu_seqlens.tolist(), mb.image_grid_thw, [], 0
+    cu_patches = [0] + grids.prod(-1).cumsum(0).tolist()  # where each image's patches start
     for s, e in zip(cu, cu[1:]):
         if e > mb.num_real_tokens:
             break  # the padding segment
@@ -44,7 +45,7 @@ def hf_logits(hf, mb, image_token: int, merge: int) -> list[torch.Tensor]:
         while n_img > 0:
             n_img -= int(grids[img].prod()) // merge**2
             img += 1
-        p0, p1 = int(mb.cu_patches[first]), int(mb.cu_patches[img])
+        p0, p1 = cu_patches[first], cu_patches[img]
         kw = {"pixel_values": mb.pixel_values[p0:p1].to(hf.dtype), "image_grid_thw": grids[first:img].to(ids.device)} if img > first else {}
         if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:  # transformers >= 5.2x
             kw["mm_token_type_ids"] = (ids == image_token).int()[None]
@@ -55,10 +56,12 @@ def hf_logits(hf, mb, image_token: int, merge: int) -> list[torch.Tensor]:
 def run_variant(variant: str, hf_config, ckpt: str, mb_host, world, lines: list[str], truth: dict) -> bool:
     from shared.config import load_config
     from train.engine_megatron import MegatronEngine
+    from train.models.source import resolve_source
 
     bf16, compiled = variant.startswith("bf16"), variant.endswith("+compiled")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    engine = MegatronEngine(hf_config, load_config(None, [f"train.bf16={bf16}", f"train.compile_layers={compiled}"]).train, world, init_from=ckpt)
+    engine = MegatronEngine(hf_config, load_config(None, [f"train.bf16={bf16}", f"train.compile_layers={compiled}"]).train, world,
+                            init_from=resolve_source(ckpt, pretrained=True))
     hf = getattr(transformers, hf_config.architectures[0]).from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(world.device).eval()
     mb, n = mb_host.to(world.device, pixel_dtype=dtype), mb_host.num_real_tokens
     with torch.no_grad():
