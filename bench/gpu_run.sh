@@ -7,6 +7,7 @@
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
+#               ($VALIDATE_VARIANTS: another list, $VALIDATE_LIMIT: seconds)
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
@@ -78,7 +79,8 @@ for part in "$@"; do
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
     ;;
   validate)
-    timeout 400 $PY bench/validate_megatron_gpu.py --shards $LIKE > "$OUT/megatron-gpu.log" 2> "$OUT/validate.log"
+    timeout ${VALIDATE_LIMIT:-400} $PY bench/validate_megatron_gpu.py --shards $LIKE ${VALIDATE_VARIANTS:+--variants $VALIDATE_VARIANTS} \
+      > "$OUT/megatron-gpu.log" 2> "$OUT/validate.log"
     echo "== validate rc=$?"; grep -E "^##|^ *all|floor|compiled vs|PASS|FAIL" "$OUT/megatron-gpu.log"
     ;;
   resume)

@@ -119,8 +119,12 @@ def main() -> None:
         torch.manual_seed(0)
         transformers.AutoModelForImageTextToText.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(tmp)
         truth: dict = {}
-        results = [run_variant(v, hf_config, tmp, mb, world, lines, truth) for v in args.variants.split(",")]
-    print("\n".join(lines))
+        results = []
+        print("\n".join(lines), flush=True)
+        for v in args.variants.split(","):  # each variant's lines as soon as they stand (a GPU call has a time limit)
+            printed = len(lines)
+            results.append(run_variant(v, hf_config, tmp, mb, world, lines, truth))
+            print("\n".join(lines[printed:]), flush=True)
     destroy()
     sys.exit(0 if all(results) else 1)
 
