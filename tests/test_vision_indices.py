@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models_fixtures import randomize_, tiny_config
-from train.models.vision import _image_indices, run_vision, vision_class
+from train.models.vision import _image_indices, interpolation_args, run_vision, vision_class
 
 # several images, one grid twice (the cache's hit) and one with two frames
 GRID = torch.tensor([[1, 4, 6], [1, 8, 4], [1, 4, 6], [2, 4, 4]])
@@ -19,9 +19,8 @@ def test_cached_indices_equal_whole_grid(family):
     cfg = tiny_config(family).vision_config
     visual = vision_class(family)._from_config(cfg)
     merge = visual.spatial_merge_size
-    interp = None
-    if hasattr(visual, "num_grid_per_side"):
-        interp = (visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, merge)
+    interp = interpolation_args(visual)
+    assert (interp is not None) == (family == "qwen3_vl")
     per_image = [_image_indices(tuple(g), merge, interp) for g in GRID.tolist()]
     assert torch.equal(torch.cat([p for p, _, _ in per_image]), vu.get_vision_position_ids(GRID, merge))
     if interp is not None:

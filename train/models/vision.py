@@ -135,6 +135,15 @@ def _image_indices(thw: tuple[int, int, int], merge: int, interp: tuple | None):
     return pos, idx, weights
 
 
+def interpolation_args(visual: torch.nn.Module) -> tuple | None:
+    """The position-grid interpolation settings `_image_indices` takes (Qwen3-VL's learned position grid, resampled
+    per image), or None for a tower without one (Qwen2.5-VL)."""
+    if not hasattr(visual, "num_grid_per_side"):
+        return None
+    return (visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners,
+            visual.config.spatial_merge_size)
+
+
 def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
     """`visual(pixel_values, grid_thw=...)` with the grid-derived index tensors computed on the host.
 
@@ -158,9 +167,7 @@ def run_vision(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: to
     kw: dict = {}
     cu_seqlens, kw["max_seqlen"] = vu.get_vision_attention_seqlens(grid, cfg)
     kw["cu_seqlens"] = to_device(cu_seqlens)
-    interp = None
-    if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: learned position grid resampled per image
-        interp = (visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, cfg.spatial_merge_size)
+    interp = interpolation_args(visual)
     per_image = [_image_indices(tuple(g), visual.spatial_merge_size, interp) for g in grid.tolist()]
     kw["position_ids"] = to_device(torch.cat([p for p, _, _ in per_image]))
     if interp is not None:
