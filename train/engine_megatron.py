@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import TrainConfig
+from train import grad_accum
 from train.distributed import World
 from train.engine import Engine, ForwardArgs, forward_args
 from train.optim import build_adamw, clip_and_step
@@ -216,13 +217,13 @@ class MegatronEngine(Engine):
 
         self._finalize_grads = finalize_model_grads
         if self.cuda:
-            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            from megatron.core.distributed import DistributedDataParallelConfig
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
             from megatron.core.transformer.module import Float16Module
 
             model = model.to(world.device)
             wrapped = Float16Module(model.config, model) if bf16 else model
-            self.model = DistributedDataParallel(
+            self.model = grad_accum.distributed_data_parallel()(  # Megatron's DDP, its fp32 accumulation vectorised
                 model.config,
                 DistributedDataParallelConfig(grad_reduce_in_fp32=cfg.grad_reduce_in_fp32, use_distributed_optimizer=True,
                                               overlap_grad_reduce=False),

@@ -7,6 +7,10 @@ where each sample starts. Attention must never cross a boundary, so every kernel
 Backends, picked per call by what is available (`select_backend`), unless `train.attention_backend` names one
 (the engines pass it to `set_backend`):
 
+- ``fa4``: FlashAttention-4's CuTe kernels (the `flash-attn-4` package, `flash_attn.cute`) on Hopper and Blackwell
+  (compute capability 9.x-11.x, fp16/bf16), as custom ops of ours; grouped kv heads natively. Auto picks it only
+  where neither FlashAttention-2 route exists: on an H200 (torch 2.11) it matched FlashAttention-2's numerics but ran
+  the vision tower's shapes 0.74x as fast, the language model's 1.17x (BENCHMARKS.md); name it to use it.
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from shared.config import ConfigError
 from train.models import fused
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("fa4", "flash_attn", "torch_varlen", "sdpa")
 
 # One backend for every call (train.attention_backend), to compare kernels or to work around a broken one;
 # None picks the fastest available per call.
@@ -64,6 +68,21 @@ def _load_torch_varlen():
 _TORCH_VARLEN = _load_torch_varlen()
 
 
+@functools.cache
+def _fa4_interface():
+    """flash_attn.cute.interface (FlashAttention-4), or None where it is not installed or cannot load."""
+    try:
+        from flash_attn.cute import interface
+    except Exception:  # ImportError, or its CUDA toolchain failing to load: then the other backends serve
+        return None
+    return interface
+
+
+def _fa4_runs_on(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.version.hip is None and 9 <= torch.cuda.get_device_capability(device)[0] <= 11
+            and _fa4_interface() is not None)
+
+
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Backends that can run tensors of this device and dtype, fastest first."""
     names = []
@@ -73,6 +92,8 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("flash_attn")
         if _TORCH_VARLEN is not None:
             names.append("torch_varlen")
+        if _fa4_runs_on(device):  # after FlashAttention-2: slower on the 2B model's vision shapes (BENCHMARKS.md)
+            names.append("fa4")
     names.append("sdpa")
     return names
 
@@ -85,8 +106,10 @@ def set_backend(name: str, device: torch.device | None = None, dtype: torch.dtyp
     if name != "auto" and name not in BACKENDS:
         raise ConfigError(f"train.attention_backend: {name!r} is unknown; write auto or one of {', '.join(BACKENDS)}")
     forced = None if name == "auto" else name
-    if forced and device is not None and dtype is not None and forced not in available_backends(device, dtype):
-        raise _unavailable(forced, device, dtype)
+    if device is not None and dtype is not None:
+        names = available_backends(device, dtype)  # loads an installed FlashAttention-4 now, not in a layer's tracing
+        if forced and forced not in names:
+            raise _unavailable(forced, device, dtype)
     _forced = forced
 
 
@@ -143,6 +166,8 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
         )
+    if backend == "fa4":
+        return fa4_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "torch_varlen":
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
@@ -178,6 +203,76 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
             # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
             kwargs["window_size"] = (-1, 0)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+# FlashAttention-4 as custom ops: opaque to the compiler like `varlen_attn` (Dynamo cannot trace the CuTe DSL's
+# launch path), so a compiled layer calls the kernels as they are. Its calling convention: q [T, Hq, D], k/v
+# [T, Hkv, D] contiguous, the output [T, Hq, D] and the log-sum-exp [Hq, T] fp32, both freshly allocated and
+# contiguous, as the fake functions promise the code compiled around the ops. The kernels are reached through
+# `_FA4_KERNELS` so that a CPU test can put a stand-in of the same convention in their place.
+def _fa4_forward(q, k, v, cu, max_seqlen, causal, scale):
+    out, lse = _fa4_interface()._flash_attn_fwd(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        softmax_scale=scale, causal=causal, return_lse=True,
+    )[:2]
+    return out, lse
+
+
+def _fa4_backward(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
+    dq, dk, dv = _fa4_interface()._flash_attn_bwd(
+        q, k, v, out, g, lse, softmax_scale=scale, causal=causal,
+        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+    )[:3]
+    return dq, dk, dv
+
+
+_FA4_KERNELS = {"forward": _fa4_forward, "backward": _fa4_backward}
+
+
+@torch.library.custom_op("geo3k::fa4_varlen_fwd", mutates_args=())
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int, causal: bool,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _FA4_KERNELS["forward"](q.contiguous(), k.contiguous(), v.contiguous(), cu, max_seqlen, causal, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu, max_seqlen, causal, scale):
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]),
+            q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("geo3k::fa4_varlen_bwd", mutates_args=())
+def _fa4_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+             cu: torch.Tensor, max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _FA4_KERNELS["backward"](g.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, cu,
+                                          max_seqlen, causal, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fa4_bwd.register_fake
+def _(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, cu, max_seqlen, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+
+
+def _fa4_grad(ctx, g, _g_lse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _fa4_bwd(g, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fa4_fwd.register_autograd(_fa4_grad, setup_context=_fa4_setup)
+
+
+def fa4_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], through FlashAttention-4's varlen kernels."""
+    return _fa4_fwd(q, k, v, cu_seqlens, max_seqlen, causal, float(softmax_scale))[0]
 
 
 def _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale):
