@@ -171,7 +171,7 @@ class ShardConfig:
 
 # train.attention_backend's choices: "auto" and train/models/attention.py's BACKENDS (a test keeps them equal;
 # shared/ imports no torch code).
-ATTENTION_BACKENDS = ("auto", "fa4", "flash_attn", "torch_varlen", "sdpa")
+ATTENTION_BACKENDS = ("auto", "fa4", "flash_attn", "aten_flash", "torch_varlen", "sdpa")
 
 
 @dataclass

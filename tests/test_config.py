@@ -32,7 +32,7 @@ def test_overrides_are_typed():
         ("model.min_pixels=100", None),
         ("train.eval_samples=some", "train.eval_samples"),
         ("train.eval_samples=-1", "train.eval_samples"),
-        ("train.attention_backend=aten_flash", "train.attention_backend"),
+        ("train.attention_backend=cudnn", "train.attention_backend"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

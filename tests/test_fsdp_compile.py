@@ -186,3 +186,61 @@ def test_build_adamw_fused_flag(tmp_path):
     engine.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=1e-2)
     for n, p in engine.model.named_parameters():
         torch.testing.assert_close(p.detach().full_tensor(), expected[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_one_process_reduces_gradients_once_per_step(tmp_path, monkeypatch):
+    """At world size 1 the gradients of several micro-batches accumulate unreduced and are reduced in the last
+    backward alone: one FSDP reduction per parameter group a step instead of one per micro-batch, and the same
+    gradients and step as reducing in every backward (FSDP's default, which several ranks keep)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=6, save_to=tmp_path)
+    batches = [_micro_batch(hf, 60, [(1, 4, 4), (1, 8, 4)]), _micro_batch(hf, 70, [(1, 4, 8)]), _micro_batch(hf, 80, [(1, 8, 8)])]
+    tokens = sum(len(b.loss_positions) for b in batches)
+    reductions = []
+    real_reduce = _fsdp_param_group.foreach_reduce
+    monkeypatch.setattr(_fsdp_param_group, "foreach_reduce", lambda *a, **k: reductions.append(1) or real_reduce(*a, **k))
+
+    results = []
+    for once in (True, False):
+        engine = _engine(cfg, tmp_path, lr=1e-2)
+        if not once:  # the default of FSDP: every backward reduces
+            engine._before_forward = lambda mb, n, last: None
+        reductions.clear()
+        out = engine.train_step(batches, num_loss_tokens=tokens, lr=1e-2)
+        results.append((out, len(reductions), _grads(engine), {n: p.detach().full_tensor() for n, p in engine.model.named_parameters()}))
+    (out1, n1, grads1, params1), (out3, n3, grads3, params3) = results
+    groups = len(engine.fsdp_modules)
+    assert (n1, n3) == (groups, 3 * groups), f"reductions a step: {n1} once, {n3} every micro-batch, {groups} groups"
+    torch.testing.assert_close(out1["loss_sum"], out3["loss_sum"], rtol=0, atol=0)
+    assert out1["grad_norm"] == pytest.approx(out3["grad_norm"], rel=1e-6)
+    for name, g in grads3.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-6, atol=1e-7, msg=name)
+    for name, p in params3.items():
+        torch.testing.assert_close(params1[name], p, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bf16_gradients_accumulated_without_sync_equal_reducing_every_backward():
+    """The GPU policy (bf16 compute, float32 reduction): FSDP accumulating the micro-batches' bf16 gradients into
+    float32 and reducing once gives bit for bit the gradients of reducing (into float32 shards) in every backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from tests.megatron_cpu import init_cpu_group
+
+    init_cpu_group()
+    grads = []
+    for once in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mp_policy=mp)
+        for i in range(4):
+            if once:
+                model.set_requires_gradient_sync(i == 3)
+            model(torch.randn(5, 16, generator=torch.Generator().manual_seed(i))).float().square().sum().backward()
+        grads.append([p.grad.full_tensor() for p in model.parameters()])
+    assert all(g.dtype == torch.float32 for g in grads[0])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

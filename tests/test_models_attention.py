@@ -51,7 +51,7 @@ def test_backend_choice_on_cpu():
             set_backend("flash_attn", torch.device("cpu"), torch.float32)
         assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"  # the refused choice left no trace
         with pytest.raises(ConfigError, match="unknown"):
-            set_backend("aten_flash")
+            set_backend("cudnn")
         set_backend("flash_attn")  # no device given: refused at the call instead
         with pytest.raises(ConfigError, match="train.attention_backend: flash_attn cannot run"):
             select_backend(torch.device("cpu"), torch.float32)
@@ -184,3 +184,37 @@ def test_fa4_is_not_offered_where_it_cannot_run():
     assert "fa4" not in available_backends(torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ConfigError, match="train.attention_backend: fa4 cannot run bfloat16 tensors on cpu"):
         set_backend("fa4", torch.device("cpu"), torch.bfloat16)
+
+
+def test_aten_flash_backend_calls_the_op_as_flash_attention_expects(monkeypatch):
+    """The aten_flash backend hands aten's FlashAttention-2 op the packed layout (the same cu_seqlens for queries and
+    keys, the longest segment, no dropout, the scale, grouped kv heads as they are) and returns its output; autograd
+    goes through the op's own formula. Here a differentiable stand-in of the op's signature computes it with a block
+    mask, against the exact per-segment backend: the op runs on CUDA only, where the benchmark's losses check it."""
+    from train.models import attention
+
+    def op(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale):
+        assert cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        assert dropout_p == 0.0 and not return_debug_mask and scale == 0.3
+        kv = lambda t: t.repeat_interleave(q.shape[1] // t.shape[1], dim=1)  # noqa: E731 - query head h reads h // rep
+        s = torch.einsum("thd,shd->hts", q, kv(k)) * scale
+        s = s.masked_fill(~_block_mask((cu_q[1:] - cu_q[:-1]).tolist(), is_causal), float("-inf"))
+        out = torch.einsum("hts,shd->thd", s.softmax(-1), kv(v))
+        return out, s.logsumexp(-1), torch.zeros(()), torch.zeros(()), torch.empty(0)
+
+    monkeypatch.setitem(attention._ATEN_FLASH, "forward", op)
+    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)]:
+        torch.manual_seed(len(lens))
+        T, H, D = sum(lens), 4, 8
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)
+        results = []
+        for backend in ("sdpa", "aten_flash"):
+            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
+            out = varlen_attention(q, k, v, cu, max(lens), causal=causal, softmax_scale=0.3, backend=backend)
+            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
+            results.append((out, grad))
+        (ref, ref_grad), (got, got_grad) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    assert "aten_flash" not in available_backends(torch.device("cpu"), torch.bfloat16)

@@ -108,8 +108,9 @@ class Engine(abc.ABC):
     def _finish_step(self) -> tuple[bool, float]:
         """After every backward: sync the gradients, clip, step. Returns (step taken, global grad norm)."""
 
-    def _before_forward(self, mb, num_micro_batches: int) -> None:
-        """Called before each training forward (the Megatron backend scales its MoE aux loss here)."""
+    def _before_forward(self, mb, num_micro_batches: int, last: bool) -> None:
+        """Called before each training forward; `last`: its backward is the step's last (the Megatron backend scales
+        its MoE aux loss here, the FSDP backend decides when gradients are reduced)."""
 
     def _step_metrics(self) -> dict[str, float]:
         """Extra figures for the step's log line (the Megatron backend's expert load)."""
@@ -140,10 +141,10 @@ class Engine(abc.ABC):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
         denom = float(max(1, num_loss_tokens))
-        for mb in micro_batches:
-            if mb.num_real_tokens == 0 and not self.collective_train_forward:
-                continue  # an empty slot that only keeps micro-batch counts equal across ranks
-            self._before_forward(mb, len(micro_batches))
+        # an empty slot only keeps micro-batch counts equal across ranks: it runs where other ranks need it
+        runs = [mb for mb in micro_batches if mb.num_real_tokens or self.collective_train_forward]
+        for i, mb in enumerate(runs):
+            self._before_forward(mb, len(micro_batches), last=i == len(runs) - 1)
             loss = self.forward(forward_args(mb, labels=True), training=True)
             (loss / denom).backward()
             loss_sum += loss.detach().float()

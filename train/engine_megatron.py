@@ -268,7 +268,7 @@ class MegatronEngine(Engine):
         ok, grad_norm, _ = self.optimizer.step()
         return ok, grad_norm
 
-    def _before_forward(self, mb, num_micro_batches: int) -> None:
+    def _before_forward(self, mb, num_micro_batches: int, last: bool) -> None:
         """The load-balancing loss enters the step as the mean over all micro-batches of all data-parallel
         ranks (per MoE layer, times the config's router_aux_loss_coef). Megatron multiplies each micro-batch's
         aux loss by its token count (it expects a later division by the global token count, which this engine

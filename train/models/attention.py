@@ -12,14 +12,18 @@ Backends, picked per call by what is available (`select_backend`), unless `train
   where neither FlashAttention-2 route exists: on an H200 (torch 2.11) it matched FlashAttention-2's numerics but ran
   the vision tower's shapes 0.74x as fast, the language model's 1.17x (BENCHMARKS.md); name it to use it.
 - ``flash_attn``: `flash_attn.flash_attn_varlen_func`, when the package is importable (CUDA, fp16/bf16).
+- ``aten_flash``: aten's FlashAttention-2 op (`torch.ops.aten._flash_attention_forward`, what `varlen_attn`
+  calls on torch 2.10/2.11) without `varlen_attn`'s Python custom op around it (CUDA, compute capability >= 8,
+  fp16/bf16); grouped kv heads natively. Auto's pick where flash-attn is not installed: on an H200 (torch 2.11)
+  the compiled 2B step ran 5% faster than through `varlen_attn`, with the same losses (BENCHMARKS.md).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
-aten's flash ops called from a plain `autograd.Function` (what `varlen_attn` wraps) cut an H200 LLM layer's
-attention host time from 0.98 to 0.22 ms but not the step time (docs/performance.md, "What was tried"),
-so there is no such backend: the public `varlen_attn` is what PyTorch keeps stable.
+aten's flash ops called from a plain `autograd.Function` cut an H200 LLM layer's attention host time from 0.98 to
+0.22 ms but not the step time of eager layers (docs/performance.md, "What was tried"); ``aten_flash`` calls the op
+with no Python autograd at all, for compiled layers, whose steps are host-bound at the compiled calls.
 
 The same function serves the language model (causal) and the vision encoder (non-causal, one segment
 per image or per attention window). `VarlenCoreAttention` plugs it into Megatron-Core's module specs as
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from shared.config import ConfigError
 from train.models import fused
 
-BACKENDS = ("fa4", "flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("fa4", "flash_attn", "aten_flash", "torch_varlen", "sdpa")
 
 # One backend for every call (train.attention_backend), to compare kernels or to work around a broken one;
 # None picks the fastest available per call.
@@ -90,6 +94,8 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type == "cuda" and half:
         if _flash_attn_varlen() is not None:
             names.append("flash_attn")
+        if _aten_flash_runs_on(device):  # varlen_attn's kernel without its Python wrapper: faster compiled steps
+            names.append("aten_flash")
         if _TORCH_VARLEN is not None:
             names.append("torch_varlen")
         if _fa4_runs_on(device):  # after FlashAttention-2: slower on the 2B model's vision shapes (BENCHMARKS.md)
@@ -170,6 +176,8 @@ def varlen_attention(
         return fa4_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "torch_varlen":
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if backend == "aten_flash":
+        return _aten_flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
         return _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -203,6 +211,27 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_sca
             # PyTorch 2.10/2.11 spell causal as an unbounded left window and no right window.
             kwargs["window_size"] = (-1, 0)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+# aten's FlashAttention-2 op, called as it is: its autograd formula is C++ (no Python autograd node) and the
+# compiler traces it (a meta function, Inductor calls it as an extern kernel), so a compiled layer reaches the
+# kernel through the dispatcher alone. `varlen_attn` wraps the same op in a Python custom op, which on the
+# H200 profile of the compiled 2B step costs ~0.16 ms of host time a forward call and ~0.1 ms a backward one beyond
+# the op (and a tensor fill for its RNG state), against layers whose GPU time is 0.6-1.6 ms. Grouped kv heads
+# natively (FlashAttention-2 takes Hq a multiple of Hkv). Reached through `_ATEN_FLASH` so that a CPU test can put
+# a stand-in of the same signature in its place.
+_ATEN_FLASH = {"forward": getattr(torch.ops.aten, "_flash_attention_forward", None)}
+
+
+def _aten_flash_runs_on(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.version.hip is None and _ATEN_FLASH["forward"] is not None
+            and torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def _aten_flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+    out = _ATEN_FLASH["forward"](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False,
+                                 scale=softmax_scale)
+    return out[0]
 
 
 # FlashAttention-4 as custom ops: opaque to the compiler like `varlen_attn` (Dynamo cannot trace the CuTe DSL's
