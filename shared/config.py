@@ -222,10 +222,9 @@ class TrainConfig:
     recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's hooks left
     eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
     attention_backend: str = "auto"
-    """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: fa4 where
-    FlashAttention-4 is installed and the GPU is a Hopper or Blackwell, else flash_attn if installed, else
-    torch_varlen on GPUs, sdpa on CPU or in fp32), or one of fa4, flash_attn, torch_varlen, sdpa to compare
-    kernels or to work around a broken one."""
+    """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: flash_attn
+    if installed, else aten_flash, torch_varlen, then fa4 on GPUs; sdpa on CPU or in fp32), or one of fa4,
+    flash_attn, aten_flash, torch_varlen, sdpa to compare kernels or to work around a broken one."""
     gc_interval: int = 50
     """Python's automatic garbage collection is off while training; a young-generation collection runs every
     N steps instead (train/gc_policy.py; ~5 ms per step on one GPU, more to gain with several, where a pause on

@@ -111,36 +111,40 @@ def test_mrope_angles_equal_transformers(family, section):
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
 
 
+def _expand_kv(t, heads):
+    """kv heads [T, Hkv, D] -> [T, heads, D]: query head h reads kv head h // (heads / Hkv), as the kernels map them."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _packed_scores(q, k, cu, causal, scale):
+    """Attention scores [Hq, T, T] over the whole packed sequence, -inf across segment boundaries (and the future)."""
+    s = torch.einsum("thd,shd->hts", q, _expand_kv(k, q.shape[1])) * scale
+    return s.masked_fill(~_block_mask((cu[1:] - cu[:-1]).tolist(), causal), float("-inf"))
+
+
 def _fa4_standin(monkeypatch):
     """FlashAttention-4's varlen pair, with its calling convention (q [T, Hq, D], k/v [T, Hkv, D], the log-sum-exp
     [Hq, T] fp32), computed over the whole packed sequence with a block mask on CPU."""
     from train.models import attention
 
-    def expand(t, heads):  # kv head of query head h: h // (Hq / Hkv), as the kernels map them
-        return t.repeat_interleave(heads // t.shape[1], dim=1)
-
-    def scores(q, k, cu, causal, scale):
-        s = torch.einsum("thd,shd->hts", q, expand(k, q.shape[1])) * scale
-        return s.masked_fill(~_block_mask((cu[1:] - cu[:-1]).tolist(), causal), float("-inf"))
-
     def forward(q, k, v, cu, max_seqlen, causal, scale):
         assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
         assert max_seqlen == int((cu[1:] - cu[:-1]).max()), "the kernels get the longest segment"
-        s = scores(q, k, cu, causal, scale).float()
+        s = _packed_scores(q, k, cu, causal, scale).float()
         lse = s.logsumexp(-1)
         p = (s - lse[..., None]).exp().to(q.dtype)
-        return torch.einsum("hts,shd->thd", p, expand(v, q.shape[1])), lse
+        return torch.einsum("hts,shd->thd", p, _expand_kv(v, q.shape[1])), lse
 
     def backward(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
         assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-        p = (scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
-        ve = expand(v, q.shape[1])
+        p = (_packed_scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
+        ve = _expand_kv(v, q.shape[1])
         ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
         dk = torch.einsum("hts,thd->shd", ds, q) * scale
         dv = torch.einsum("hts,thd->shd", p, g)
         rep = q.shape[1] // k.shape[1]
         group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
-        return torch.einsum("hts,shd->thd", ds, expand(k, q.shape[1])) * scale, group(dk), group(dv)
+        return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
 
     monkeypatch.setitem(attention._FA4_KERNELS, "forward", forward)
     monkeypatch.setitem(attention._FA4_KERNELS, "backward", backward)
@@ -196,10 +200,8 @@ def test_aten_flash_backend_calls_the_op_as_flash_attention_expects(monkeypatch)
     def op(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale):
         assert cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
         assert dropout_p == 0.0 and not return_debug_mask and scale == 0.3
-        kv = lambda t: t.repeat_interleave(q.shape[1] // t.shape[1], dim=1)  # noqa: E731 - query head h reads h // rep
-        s = torch.einsum("thd,shd->hts", q, kv(k)) * scale
-        s = s.masked_fill(~_block_mask((cu_q[1:] - cu_q[:-1]).tolist(), is_causal), float("-inf"))
-        out = torch.einsum("hts,shd->thd", s.softmax(-1), kv(v))
+        s = _packed_scores(q, k, cu_q, is_causal, scale)
+        out = torch.einsum("hts,shd->thd", s.softmax(-1), _expand_kv(v, q.shape[1]))
         return out, s.logsumexp(-1), torch.zeros(()), torch.zeros(()), torch.empty(0)
 
     monkeypatch.setitem(attention._ATEN_FLASH, "forward", op)
