@@ -7,7 +7,8 @@
 #                                              # archive, .fa4/fa4-site.tar.xz (~55 MB): carried alone, it unpacks
 #                                              # to /tmp/fa4site there, which later calls on the same machine use
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
-#   attention   gpu_attention.py: FlashAttention-4 against FlashAttention-2 (varlen_attn) at the 2B model's shapes
+#   attention   gpu_attention.py: FlashAttention-2 (two ways), FlashAttention-4, FlexAttention at the 2B model's shapes
+#   wgrad       gpu_wgrad.py: weight gradients into the fp32 main_grad, fused (one GEMM) against a GEMM + accumulation
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
@@ -110,6 +111,10 @@ for part in "$@"; do
   attention)
     PYTHONPATH=$PYTHONPATH:$FA4_PATH timeout 240 $PY bench/gpu_attention.py --verified $FA4/VERIFIED > "$OUT/attention.md" 2> "$OUT/attention.log"
     echo "== attention rc=$?"; cat "$OUT/attention.md"; grep -E "Error|error" "$OUT/attention.log" | tail -5; fa4_on
+    ;;
+  wgrad)
+    timeout 120 $PY bench/gpu_wgrad.py > "$OUT/wgrad.md" 2> "$OUT/wgrad.log"
+    echo "== wgrad rc=$?"; cat "$OUT/wgrad.md"; grep -E "Error|error" "$OUT/wgrad.log" | tail -5
     ;;
   throughput)
     TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} \

@@ -76,3 +76,17 @@ def test_the_engine_s_ddp_is_megatron_s_with_this_hook():
     cls = grad_accum.distributed_data_parallel()
     assert issubclass(cls, DistributedDataParallel)
     assert cls._make_backward_post_hook is not DistributedDataParallel._make_backward_post_hook
+
+
+def test_the_fused_weight_gradient_op_adds_into_main_grad():
+    """add_weight_grad_: main_grad += g^T x in main_grad's dtype; mixed dtypes off the GPU take the unfused sum
+    (a bf16 product added in fp32), as the hook's path does."""
+    g, x = torch.randn(7, 3), torch.randn(7, 5)
+    main = torch.randn(3, 5)
+    want = main + g.T @ x
+    grad_accum.add_weight_grad_(main, g, x)
+    torch.testing.assert_close(main, want)
+    main32 = torch.zeros(3, 5)
+    gb, xb = g.bfloat16(), x.bfloat16()
+    grad_accum.add_weight_grad_(main32, gb, xb)
+    assert torch.equal(main32, (gb.T @ xb).float())

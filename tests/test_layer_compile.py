@@ -163,3 +163,76 @@ def test_a_compiled_graph_follows_the_forced_attention_backend(monkeypatch):
     finally:
         attention.set_backend("auto")
         torch._dynamo.reset()
+
+
+def test_weight_gradients_fused_into_main_grad_compiled_equal_eager(standin_varlen, tmp_path):
+    """Gradient-accumulation fusion (train/grad_accum.py) inside the compiled layers: over three micro-batches every
+    Megatron linear (column, row, the tied LM head) and vision-tower Linear adds its weight gradient into
+    `main_grad` and leaves `.grad` unset, the rest of the parameters keep autograd's gradients, and the sums equal
+    the eager unfused model's; the layers still trace whole, one graph per kind."""
+    from torch._dynamo.utils import counters
+
+    from train import grad_accum
+    from train.models import convert
+    from train.models.layer_compile import compile_layers
+    from train.models.qwen_vl import build_model
+
+    init_megatron_cpu()
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=5, save_to=tmp_path)
+    eager, fused = (build_model(cfg, **CPU_OVERRIDES, bias_activation_fusion=True) for _ in range(2))
+    for m in (eager, fused):
+        convert.load_hf_checkpoint(m, str(tmp_path))
+    compile_layers(fused)
+    for p in fused.parameters():
+        p.main_grad = torch.zeros_like(p)
+    n = grad_accum.fuse_weight_gradients(fused)
+    text, vision = cfg.text_config, cfg.vision_config
+    # 4 linears a decoder layer, the LM head, 4 a vision block, and the patch merger's (deepstack mergers included)
+    assert n >= 4 * text.num_hidden_layers + 1 + 4 * vision.depth
+    batches = [_batch(hf, 10 * i, grids) for i, grids in enumerate([[(1, 4, 4), (1, 8, 4)], [(1, 4, 8), (1, 4, 4), (1, 8, 8)], [(1, 8, 4)]])]
+    eager.zero_grad(set_to_none=True)
+    for b in batches:
+        eager(**b).sum().backward()
+    counters.clear()
+    for b in batches:
+        fused(**b).sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    fused_params = dict(fused.named_parameters())
+    into_main = 0
+    for name, p in eager.named_parameters():
+        q = fused_params[name]
+        if p.grad is None:
+            continue
+        # Fused weights hold their sum in main_grad, the others in .grad; the tied embedding in both (the LM head's
+        # part fused, the lookup's from autograd), as Megatron's DDP hook would then add them.
+        into_main += q.grad is None
+        got = q.main_grad + (q.grad if q.grad is not None else 0)
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item(), msg=name)
+    assert into_main >= n  # every fused layer's weight (and bias) went into main_grad
+
+
+def test_gradient_accumulation_fusion_is_left_out_where_it_cannot_apply():
+    """A linear whose weight has no main_grad, an input without a gradient (the fused backward would never run) and
+    no-grad mode keep torch's linear: same output, autograd's gradient."""
+    from train import grad_accum
+
+    lin = torch.nn.Linear(4, 3)
+    assert grad_accum.fuse_weight_gradients(torch.nn.Sequential(lin)) == 1
+    x = torch.randn(5, 4)
+    lin(x).sum().backward()  # no main_grad: the weight gets .grad
+    assert lin.weight.grad is not None
+    lin.weight.grad = lin.bias.grad = None
+    lin.weight.main_grad, lin.bias.main_grad = torch.zeros(3, 4), torch.zeros(3)
+    y = lin(x)  # x needs no gradient: the weight's gradient must come from autograd
+    y.sum().backward()
+    assert lin.weight.grad is not None and not lin.weight.main_grad.any()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), x @ lin.weight.T + lin.bias)
+    lin.weight.grad = lin.bias.grad = None
+    xr = x.clone().requires_grad_()
+    lin(xr).sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is None
+    torch.testing.assert_close(lin.weight.main_grad, torch.ones(5, 3).T @ x)
+    torch.testing.assert_close(lin.bias.main_grad, torch.full((3,), 5.0))
+    torch.testing.assert_close(xr.grad, torch.ones(5, 3) @ lin.weight.detach())

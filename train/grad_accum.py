@@ -80,3 +80,99 @@ def distributed_data_parallel():
             return backward_post_hook(self, param)
 
     return FastAccumulateDDP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient-accumulation fusion: each linear layer's weight-gradient GEMM adds into main_grad itself.
+#
+# Unfused, every micro-batch's backward writes a bf16 weight gradient per linear (one GEMM), autograd hands it to
+# the DDP hook above, and the hook adds it into the fp32 main_grad (a second pass over 10 bytes a parameter, plus a
+# kernel launch and a Python hook per parameter). Megatron-Core fuses the two with Apex's `wgrad_gemm_accum_fp32`
+# (config.gradient_accumulation_fusion), which this project does not assume. cuBLAS does the same with a GEMM
+# whose output C is main_grad and beta = 1 (`addmm` with `out_dtype`, torch >= 2.8 on CUDA): one pass, and the
+# micro-batch's gradient is never rounded to bf16 before the fp32 sum (a sum at least as exact as the unfused one).
+
+
+def _fp32_out_addmm() -> bool:
+    return hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+@torch.library.custom_op("geo3k::add_weight_grad_", mutates_args=("main_grad",))
+def add_weight_grad_(main_grad: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
+    """main_grad += grad_output^T @ inputs: grad_output [tokens, out], inputs [tokens, in], main_grad [out, in].
+
+    An opaque op to the compiler (Inductor would otherwise lower the in-place GEMM-plus-add to a GEMM and an add)."""
+    if main_grad.dtype == grad_output.dtype:
+        torch.addmm(main_grad, grad_output.t(), inputs, out=main_grad)
+    elif main_grad.is_cuda and main_grad.dtype == torch.float32 and _fp32_out_addmm():
+        torch.addmm(main_grad, grad_output.t(), inputs, out_dtype=torch.float32, out=main_grad)
+    else:  # no mixed-dtype GEMM here: the unfused sum
+        accumulate_(main_grad, grad_output.t() @ inputs)
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """y = x W^T + b whose backward adds dW (and db) into W.main_grad (b.main_grad) and returns no gradient for
+    them. W and b come in detached, so autograd has no edge to them: no gradient, no AccumulateGrad node and no
+    DDP hook call for these parameters (only valid without overlapped gradient reduction, which needs the hook)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, main_grad, main_grad_bias):
+        ctx.save_for_backward(x, weight, main_grad, main_grad_bias)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, main_grad, main_grad_bias = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        add_weight_grad_(main_grad, grad_2d, x.reshape(-1, x.shape[-1]))
+        if main_grad_bias is not None:
+            main_grad_bias.add_(grad_2d.sum(0, dtype=main_grad_bias.dtype))
+        return grad.matmul(weight), None, None, None, None
+
+
+def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # x must carry the graph: with W detached nothing else makes the output require a gradient.
+    return (torch.is_grad_enabled() and x.requires_grad and weight.requires_grad
+            and getattr(weight, "main_grad", None) is not None
+            and (bias is None or getattr(bias, "main_grad", None) is not None))
+
+
+def linear_into_main_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose weight (and bias) gradients go straight into their `main_grad`."""
+    main_bias = bias.main_grad if bias is not None else None
+    return _LinearIntoMainGrad.apply(x, weight.detach(), None if bias is None else bias.detach(), weight.main_grad, main_bias)
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _fusable(x, module.weight, module.bias):
+        return linear_into_main_grad(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+def _megatron_forward_impl(original, input, weight, bias=None, *, allreduce_dgrad=False, sequence_parallel=False,
+                           grad_output_buffer=None, **kwargs):
+    """Megatron's `_forward_impl` of Column/RowParallelLinear: fused where its backward has no collective inside the
+    GEMMs (no all-reduce or reduce-scatter of the input gradient, no deferred embedding wgrad), else Megatron's own."""
+    if not allreduce_dgrad and not sequence_parallel and grad_output_buffer is None and _fusable(input, weight, bias):
+        return linear_into_main_grad(input, weight, bias)
+    return original(input, weight, bias=bias, allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                    grad_output_buffer=grad_output_buffer, **kwargs)
+
+
+def fuse_weight_gradients(model: torch.nn.Module) -> int:
+    """Route the weight gradients of every linear layer of `model` (Megatron's Column/RowParallelLinear, the vision
+    tower's torch Linear) into their parameters' `main_grad`; returns how many layers. Call after Megatron's DDP
+    has given the parameters `main_grad` (a layer whose weight has none keeps its usual backward) and only with
+    overlap_grad_reduce off (the DDP hook no longer sees these gradients)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module._forward_impl = functools.partial(_megatron_forward_impl, module._forward_impl)
+        elif type(module) is torch.nn.Linear:
+            module.forward = functools.partial(_linear_forward, module)
+        else:
+            continue
+        n += 1
+    return n
