@@ -220,27 +220,36 @@ def test_one_process_reduces_gradients_once_per_step(tmp_path, monkeypatch):
         torch.testing.assert_close(params1[name], p, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_bf16_gradients_accumulated_without_sync_equal_reducing_every_backward():
+def test_bf16_gradients_accumulated_without_sync_equal_reducing_every_backward(monkeypatch):
     """The GPU policy (bf16 compute, float32 reduction): FSDP accumulating the micro-batches' bf16 gradients into
-    float32 and reducing once gives bit for bit the gradients of reducing (into float32 shards) in every backward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    float32 and reducing once gives bit for bit the gradients of reducing (into float32 shards) in every backward,
+    also with the engine's accumulation (engine_fsdp.vectorised_grad_accumulation) in place of FSDP's `+=`."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from tests.megatron_cpu import init_cpu_group
+    from train import engine_fsdp, grad_accum
 
     init_cpu_group()
+    calls = []
+    real = grad_accum.accumulate_
+    monkeypatch.setattr(grad_accum, "accumulate_", lambda dst, src: calls.append(1) or real(dst, src))
     grads = []
-    for once in (True, False):
+    for once, ours in ((True, False), (False, False), (True, True)):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in (model[0], model[2]):
             fully_shard(layer, mp_policy=mp, reshard_after_forward=False)
         fully_shard(model, mp_policy=mp)
+        if ours:
+            assert engine_fsdp.vectorised_grad_accumulation([m for m in model.modules() if isinstance(m, FSDPModule)]) == 4
         for i in range(4):
             if once:
                 model.set_requires_gradient_sync(i == 3)
             model(torch.randn(5, 16, generator=torch.Generator().manual_seed(i))).float().square().sum().backward()
         grads.append([p.grad.full_tensor() for p in model.parameters()])
     assert all(g.dtype == torch.float32 for g in grads[0])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    assert len(calls) == 4 * 3  # micro-batches 2-4 summed into the first one's float32 gradient, 4 parameters
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)

@@ -57,6 +57,7 @@ import torch.utils.checkpoint
 from shared.config import TrainConfig
 from shared.errors import UserError
 from shared.schema import IGNORE_INDEX
+from train import grad_accum
 from train.distributed import World
 from train.engine import Engine, ForwardArgs
 from train.optim import build_adamw, clip_and_step
@@ -224,6 +225,30 @@ def packed_forward(
     return loss if zero is None else loss + zero
 
 
+def _accumulate_unsharded_grad(fsdp_param) -> None:
+    # FSDP2's FSDPParam.accumulate_unsharded_grad_if_needed, with the sum through grad_accum.accumulate_
+    acc, grad = fsdp_param.unsharded_accumulated_grad, fsdp_param.unsharded_param.grad
+    if acc is not None and grad is not None:
+        grad_accum.accumulate_(acc, grad)
+        fsdp_param.unsharded_param.grad = None
+
+
+def vectorised_grad_accumulation(fsdp_modules) -> int:
+    """Without gradient sync FSDP2 sums each micro-batch's bf16 gradient into a float32 one per parameter with a
+    mixed-dtype `+=`, PyTorch's unrolled element-wise kernel; the Megatron engine's accumulation kernel does the same
+    sum, bit for bit, at the memory bandwidth (train/grad_accum.py: 58 -> 37 ms a 2B step on an H200 there).
+    Installed on each FSDPParam (FSDP2's per-parameter state, reached through private attributes: where they are
+    missing nothing changes); returns how many parameters."""
+    n = 0
+    for m in fsdp_modules:
+        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+        for fsdp_param in getattr(group, "fsdp_params", None) or ():
+            if hasattr(fsdp_param, "accumulate_unsharded_grad_if_needed") and hasattr(fsdp_param, "unsharded_accumulated_grad"):
+                fsdp_param.accumulate_unsharded_grad_if_needed = types.MethodType(_accumulate_unsharded_grad, fsdp_param)
+                n += 1
+    return n
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -285,6 +310,8 @@ class FSDPEngine(Engine):
         # lacks the switch; there the dummy image below already keeps every parameter in use.
         if hasattr(model, "set_reduce_scatter_unused_params"):
             model.set_reduce_scatter_unused_params(True)
+        if world.world_size == 1:  # the micro-batches' gradients are summed unsharded (see _before_forward)
+            vectorised_grad_accumulation(self.fsdp_modules)
         model.geo3k_forward = types.MethodType(packed_forward, model)
         register_fsdp_forward_method(model, "geo3k_forward")
         self.model = model
