@@ -143,36 +143,118 @@ def linear_into_main_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _LinearIntoMainGrad.apply(x, weight.detach(), None if bias is None else bias.detach(), weight.main_grad, main_bias)
 
 
-def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if _fusable(x, module.weight, module.bias):
-        return linear_into_main_grad(x, module.weight, module.bias)
-    return torch.nn.functional.linear(x, module.weight, module.bias)
+class MainGradLinear(torch.nn.Linear):
+    """torch's Linear whose weight and bias gradients go into their main_grad (the vision tower's layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fusable(x, self.weight, self.bias):
+            return linear_into_main_grad(x, self.weight, self.bias)
+        return super().forward(x)
 
 
-def _megatron_forward_impl(original, input, weight, bias=None, *, allreduce_dgrad=False, sequence_parallel=False,
-                           grad_output_buffer=None, **kwargs):
-    """Megatron's `_forward_impl` of Column/RowParallelLinear: fused where its backward has no collective inside the
-    GEMMs (no all-reduce or reduce-scatter of the input gradient, no deferred embedding wgrad), else Megatron's own."""
-    if not allreduce_dgrad and not sequence_parallel and grad_output_buffer is None and _fusable(input, weight, bias):
-        return linear_into_main_grad(input, weight, bias)
-    return original(input, weight, bias=bias, allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-                    grad_output_buffer=grad_output_buffer, **kwargs)
+@functools.cache
+def _fused_megatron_class(cls):
+    """A subclass of Megatron's Column/RowParallelLinear `cls` whose `_forward_impl` is fused where its backward has
+    no collective inside the GEMMs (no all-reduce or reduce-scatter of the input gradient, no deferred embedding
+    wgrad); elsewhere Megatron's own. A subclass, not a per-module function: the compiled layers guard on the module's
+    type, which all layers share (an attribute per module would be a guard per module, and a graph per layer)."""
+
+    def _forward_impl(self, input, weight, *args, bias=None, allreduce_dgrad=False, sequence_parallel=False,
+                      grad_output_buffer=None, **kwargs):
+        if (not args and not allreduce_dgrad and not sequence_parallel and grad_output_buffer is None
+                and _fusable(input, weight, bias)):
+            return linear_into_main_grad(input, weight, bias)
+        return cls._forward_impl(self, input, weight, *args, bias=bias, allreduce_dgrad=allreduce_dgrad,
+                                 sequence_parallel=sequence_parallel, grad_output_buffer=grad_output_buffer, **kwargs)
+
+    return type(cls.__name__, (cls,), {"_forward_impl": _forward_impl, "__module__": __name__,
+                                       "__doc__": f"{cls.__name__} with gradient-accumulation fusion (grad_accum.py)"})
+
+
+class _IntoMainGrad(torch.autograd.Function):
+    """(x, w, b) -> the same tensors (views), with the gradients reaching w and b added into their main_grad and x's
+    passed on. For the norms: their weight gradient is a reduction inside the compiled layer's backward, which then
+    adds it into main_grad in the same graph, instead of handing autograd a gradient for a DDP hook to add. x (which
+    needs a gradient) carries the graph: w and b come in detached, so they get no AccumulateGrad node and no hook."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, main_grad, main_grad_bias):
+        ctx.save_for_backward(main_grad, main_grad_bias)
+        return x.view_as(x), weight.view_as(weight), None if bias is None else bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_weight, grad_bias):
+        main_grad, main_grad_bias = ctx.saved_tensors
+        if grad_weight is not None:
+            main_grad.add_(grad_weight)
+        if grad_bias is not None and main_grad_bias is not None:
+            main_grad_bias.add_(grad_bias)
+        return grad_x, None, None, None, None
+
+
+def into_main_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """(x, weight, bias) to compute a layer with, whose weight and bias gradients go into their main_grad."""
+    return _IntoMainGrad.apply(x, weight.detach(), None if bias is None else bias.detach(), weight.main_grad,
+                               None if bias is None else bias.main_grad)
+
+
+class MainGradLayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm (the vision blocks' norms) with its weight and bias gradients into main_grad."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and _fusable(x, self.weight, self.bias):
+            x, weight, bias = into_main_grad(x, self.weight, self.bias)
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return super().forward(x)
+
+
+@functools.cache
+def _fused_rms_norm_class(cls):
+    """The language model's QwenRMSNorm (train/models/qwen_vl.py) with its weight gradient into main_grad."""
+    from train.models import fused
+
+    def forward(self, x):
+        if _fusable(x, self.weight, None):
+            x, weight, _ = into_main_grad(x, self.weight)
+            return fused.rms_norm(x, weight, self.eps)
+        return cls.forward(self, x)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
+
+
+def _own_version_counter(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on t's memory (same offset, shape, strides) with a version counter of its own. Megatron's main_grad
+    tensors are views of one bucket buffer, and views share their base's counter: each fused backward's in-place
+    add would bump every other parameter's main_grad, and autograd, which saved those for their own backward,
+    would refuse them as modified. Each alias is written only by its own parameter's backward."""
+    alias = t.new_empty(0)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def fuse_weight_gradients(model: torch.nn.Module) -> int:
     """Route the weight gradients of every linear layer of `model` (Megatron's Column/RowParallelLinear, the vision
-    tower's torch Linear) into their parameters' `main_grad`; returns how many layers. Call after Megatron's DDP
+    tower's torch Linear) and norm (QwenRMSNorm, torch's LayerNorm) into their parameters' `main_grad`; returns how
+    many layers. What is left on autograd's gradients and the DDP hook: the embeddings, the patch embedding. Call after Megatron's DDP
     has given the parameters `main_grad` (a layer whose weight has none keeps its usual backward) and only with
     overlap_grad_reduce off (the DDP hook no longer sees these gradients)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    from train.models.qwen_vl import QwenRMSNorm
+
     n = 0
     for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            module._forward_impl = functools.partial(_megatron_forward_impl, module._forward_impl)
+        if type(module) in (ColumnParallelLinear, RowParallelLinear):
+            module.__class__ = _fused_megatron_class(type(module))
         elif type(module) is torch.nn.Linear:
-            module.forward = functools.partial(_linear_forward, module)
+            module.__class__ = MainGradLinear
+        elif type(module) is torch.nn.LayerNorm:
+            module.__class__ = MainGradLayerNorm
+        elif type(module) is QwenRMSNorm:
+            module.__class__ = _fused_rms_norm_class(QwenRMSNorm)
         else:
             continue
         n += 1
+    for p in model.parameters():  # all of them: the LM head saves the (tied) embedding's main_grad too
+        if getattr(p, "main_grad", None) is not None:
+            p.main_grad = _own_version_counter(p.main_grad)
     return n
