@@ -93,6 +93,7 @@ def distributed_data_parallel():
 # micro-batch's gradient is never rounded to bf16 before the fp32 sum (a sum at least as exact as the unfused one).
 
 
+@functools.cache
 def _fp32_out_addmm() -> bool:
     return hasattr(torch.ops.aten.addmm, "dtype_out")
 
@@ -234,9 +235,10 @@ def _own_version_counter(t: torch.Tensor) -> torch.Tensor:
 def fuse_weight_gradients(model: torch.nn.Module) -> int:
     """Route the weight gradients of every linear layer of `model` (Megatron's Column/RowParallelLinear, the vision
     tower's torch Linear) and norm (QwenRMSNorm, torch's LayerNorm) into their parameters' `main_grad`; returns how
-    many layers. What is left on autograd's gradients and the DDP hook: the embeddings, the patch embedding. Call after Megatron's DDP
-    has given the parameters `main_grad` (a layer whose weight has none keeps its usual backward) and only with
-    overlap_grad_reduce off (the DDP hook no longer sees these gradients)."""
+    many layers. Left to autograd's gradients and the DDP hook: the embeddings, the patch embedding, the router.
+    Call after Megatron's DDP has given the parameters `main_grad` (a layer whose weight has none keeps its usual
+    backward) and only with overlap_grad_reduce off (the DDP hook no longer sees these gradients). The layers change
+    class (a subclass each, as FSDP2's fully_shard does), so compiled layers guard on one type for all of them."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from train.models.qwen_vl import QwenRMSNorm
