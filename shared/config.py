@@ -214,8 +214,9 @@ class TrainConfig:
     accumulation traffic, at bf16's precision for the sum (docs/performance.md compares the loss curves)."""
     gradient_accumulation_fusion: bool = True
     """Megatron backend on GPUs: each linear layer's weight-gradient GEMM adds straight into the parameter's main
-    gradient (cuBLAS, C += A B with the fp32 buffer as C; Megatron's option of that name, without Apex) instead of
-    writing a bf16 gradient that a hook then adds (train/grad_accum.py). false: the unfused path, to compare."""
+    gradient (cuBLAS, C += A B with the fp32 buffer as C; Megatron's option of that name, without Apex), and the norms'
+    weight gradients are added into it inside the (compiled) backward, instead of bf16 gradients that a hook per
+    parameter then adds (train/grad_accum.py). false: the unfused path, to compare."""
     recompute: str = "none"
     """Activation recomputation: none, selective (attention core) or full (every layer)."""
     fused_kernels: bool = True
