@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
     dev = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; addmm with out_dtype: {grad_accum._fp32_out_addmm()}")
+    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; addmm with an fp32 C: {grad_accum._fp32_out_addmm(dev)}")
     print("| linear | unfused ms | fused ms | fused / unfused | unfused error | fused error |\n|---|---|---|---|---|---|")
     total = [0.0, 0.0]
     for name, (n_out, n_in) in SHAPES.items():

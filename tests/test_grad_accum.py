@@ -79,8 +79,8 @@ def test_the_engine_s_ddp_is_megatron_s_with_this_hook():
 
 
 def test_the_fused_weight_gradient_op_adds_into_main_grad():
-    """add_weight_grad_: main_grad += g^T x in main_grad's dtype; mixed dtypes off the GPU take the unfused sum
-    (a bf16 product added in fp32), as the hook's path does."""
+    """add_weight_grad_: main_grad += g^T x in main_grad's dtype; mixed dtypes off the GPU take the unfused sum (the
+    product rounded to bf16, then added in fp32, as the hook's path does), not the fp32 product of the GPU's GEMM."""
     g, x = torch.randn(7, 3), torch.randn(7, 5)
     main = torch.randn(3, 5)
     want = main + g.T @ x
@@ -90,3 +90,4 @@ def test_the_fused_weight_gradient_op_adds_into_main_grad():
     gb, xb = g.bfloat16(), x.bfloat16()
     grad_accum.add_weight_grad_(main32, gb, xb)
     assert torch.equal(main32, (gb.T @ xb).float())
+    assert not torch.equal(main32, gb.float().T @ xb.float())  # so the bf16-rounded path it was

@@ -231,7 +231,8 @@ class MegatronEngine(Engine):
                 wrapped,
             )
             # after DDP: the buffers' main_grad views exist now (overlap_grad_reduce is off, as fusion needs)
-            self.fused_wgrad_layers = grad_accum.fuse_weight_gradients(model) if cfg.gradient_accumulation_fusion else 0
+            fuse = cfg.gradient_accumulation_fusion and not self.model.ddp_config.overlap_grad_reduce
+            self.fused_wgrad_layers = grad_accum.fuse_weight_gradients(model) if fuse else 0
             self.optimizer = get_megatron_optimizer(
                 OptimizerConfig(
                     optimizer="adam",

@@ -94,8 +94,17 @@ def distributed_data_parallel():
 
 
 @functools.cache
-def _fp32_out_addmm() -> bool:
-    return hasattr(torch.ops.aten.addmm, "dtype_out")
+def _fp32_out_addmm(device: torch.device) -> bool:
+    """Whether this torch's CUDA addmm takes an fp32 C with bf16 A and B (`out_dtype`): the overload exists from 2.8,
+    but before ~2.10 it refuses a C whose dtype differs from the matrices'. Tried once per device on 2 x 2 tensors."""
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    c, a = torch.zeros(2, 2, device=device), torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    except RuntimeError:
+        return False
+    return bool((c == 2).all())
 
 
 @torch.library.custom_op("geo3k::add_weight_grad_", mutates_args=("main_grad",))
@@ -105,7 +114,7 @@ def add_weight_grad_(main_grad: torch.Tensor, grad_output: torch.Tensor, inputs:
     An opaque op to the compiler (Inductor would otherwise lower the in-place GEMM-plus-add to a GEMM and an add)."""
     if main_grad.dtype == grad_output.dtype:
         torch.addmm(main_grad, grad_output.t(), inputs, out=main_grad)
-    elif main_grad.is_cuda and main_grad.dtype == torch.float32 and _fp32_out_addmm():
+    elif main_grad.is_cuda and main_grad.dtype == torch.float32 and _fp32_out_addmm(main_grad.device):
         torch.addmm(main_grad, grad_output.t(), inputs, out_dtype=torch.float32, out=main_grad)
     else:  # no mixed-dtype GEMM here: the unfused sum
         accumulate_(main_grad, grad_output.t() @ inputs)
@@ -114,7 +123,10 @@ def add_weight_grad_(main_grad: torch.Tensor, grad_output: torch.Tensor, inputs:
 class _LinearIntoMainGrad(torch.autograd.Function):
     """y = x W^T + b whose backward adds dW (and db) into W.main_grad (b.main_grad) and returns no gradient for
     them. W and b come in detached, so autograd has no edge to them: no gradient, no AccumulateGrad node and no
-    DDP hook call for these parameters (only valid without overlapped gradient reduction, which needs the hook)."""
+    DDP hook call for these parameters (only valid without overlapped gradient reduction, which needs the hook).
+    main_grad is a saved tensor: saved-tensor hooks that copy (activation offloading to the host) would make the add
+    land in the copy, and a module called twice in one forward would trip its version check; the engine uses
+    neither (Megatron keeps main_grad on ctx for its MTP layers' reuse)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, main_grad, main_grad_bias):
@@ -135,7 +147,7 @@ def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     # x must carry the graph: with W detached nothing else makes the output require a gradient.
     return (torch.is_grad_enabled() and x.requires_grad and weight.requires_grad
             and getattr(weight, "main_grad", None) is not None
-            and (bias is None or getattr(bias, "main_grad", None) is not None))
+            and (bias is None or (bias.requires_grad and getattr(bias, "main_grad", None) is not None)))
 
 
 def linear_into_main_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
