@@ -51,10 +51,10 @@ def run(case, backend, reps, device):
 
     def step(dtype, name):
         leaves = [t.to(dtype).requires_grad_() for t in base]
-        if name == "flex" and dtype != torch.float32:
+        if name == "flex":
             out = flex(*leaves)
         else:
-            out = varlen_attention(*leaves, cu, max(lens), causal=causal, backend=name if name != "flex" else "sdpa")
+            out = varlen_attention(*leaves, cu, max(lens), causal=causal, backend=name)
         grads = torch.autograd.grad(out, leaves, grad.to(dtype))
         return out, grads
 
