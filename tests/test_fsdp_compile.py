@@ -253,3 +253,45 @@ def test_bf16_gradients_accumulated_without_sync_equal_reducing_every_backward(m
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_bf16_sharding_casts_at_the_root_only_and_equals_the_bf16_model(family):
+    """The engine's sharding (engine_fsdp.shard_model) in bf16: the root casts the pixels; the blocks get the model's
+    own activations as they are (bf16 hidden states, the vision tower's fp32 rotary cos/sin), so FSDP's forward is
+    bit for bit transformers' own model cast to bf16, with no input in fp32 reaching a decoder layer."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.megatron_cpu import init_cpu_group
+    from train.engine_fsdp import shard_model
+
+    init_cpu_group()
+    _, hf = fx.random_hf_model(family, seed=5)
+    reference = copy.deepcopy(hf)
+    for p in reference.parameters():  # the parameters only, as FSDP's policy: buffers (rotary inv_freq) stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    shard_model(hf, init_device_mesh("cpu", (1,)), bf16=True, reshard_after_forward=False)
+    seen = {}
+
+    def record(module, args, kwargs):
+        tensors = [t for t in [*args, *kwargs.values()] for t in (t if isinstance(t, tuple) else (t,))
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        seen.setdefault(type(module).__name__, set()).update(t.dtype for t in tensors)
+
+    for name in hf._no_split_modules:
+        for m in hf.modules():
+            if name in (c.__name__ for c in type(m).__mro__):  # fully_shard made it an FSDP subclass of it
+                m.register_forward_pre_hook(record, with_kwargs=True)
+    sample = fx.make_sample(7, [(1, 8, 8), (1, 4, 8)])
+    positions = fx.rope_positions(hf, sample)
+    got = fx.hf_logits(hf, sample, positions)
+    expected = fx.hf_logits(reference, sample, positions)
+    assert torch.equal(got, expected)
+    decoder = [k for k in seen if "Decoder" in k]
+    vision = [k for k in seen if "Vision" in k]
+    assert decoder and vision, seen
+    assert all(seen[k] == {torch.bfloat16} for k in decoder), seen
+    assert all(seen[k] == {torch.bfloat16, torch.float32} for k in vision), seen  # hidden states, cos/sin
+

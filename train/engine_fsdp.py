@@ -44,6 +44,8 @@ Collectives. FSDP all-gathers every layer's parameters in its forward, so all ra
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import types
 from pathlib import Path
@@ -249,6 +251,26 @@ def vectorised_grad_accumulation(fsdp_modules) -> int:
     return n
 
 
+def shard_model(model: torch.nn.Module, mesh, *, bf16: bool, reshard_after_forward: bool) -> None:
+    """FSDP2's `fully_shard` on each layer the model names unsplittable (`_no_split_modules`: its decoder layers and
+    vision blocks), then on the whole model. bf16: bf16 parameters for compute, fp32 gradient reduction.
+
+    Only the root casts its floating-point inputs to bf16 (the pixels). A block's inputs are the model's own
+    activations, already bf16, but for the vision blocks' rotary cos/sin, which transformers computes in fp32 and
+    the blocks use in fp32 (as transformers' own bf16 model does); cast per block, they were rounded to bf16 first,
+    and a walk over every block's arguments ran on the host ~300 times a step."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+    if not blocks:
+        raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
+    block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -257,7 +279,7 @@ class FSDPEngine(Engine):
 
     def __init__(self, hf_config, cfg: TrainConfig, world: World, *, init_from=None):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
         if world.tp > 1 or world.ep > 1 or cfg.sequence_parallel:  # the trainer refuses these first (check_layout)
             raise FSDPConfigError("train.backend=fsdp shards over data-parallel ranks only")
@@ -282,10 +304,6 @@ class FSDPEngine(Engine):
         linear_patch_embed(model.model.visual)
 
         mesh = init_device_mesh(world.device.type, (world.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-        blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
-        if not blocks:
-            raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
         # With one process a "shard" is the whole parameter and a gather is a copy (and bf16 cast) of it, made
         # again in each backward and each micro-batch's forward after resharding. So one process keeps what it
         # gathered from the first forward of a step to the step's end: one bf16 copy of the model beside the fp32
@@ -293,9 +311,7 @@ class FSDPEngine(Engine):
         # time. _finish_step reshards before the optimizer changes the shards: FSDP's unshard is a no-op on an
         # unsharded module, which would go on with the old weights.
         self._reshard_after_forward = world.world_size > 1
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self._reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        shard_model(model, mesh, bf16=self.bf16, reshard_after_forward=self._reshard_after_forward)
         _fill_from_rank0(model, source, world.device)
         del source
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -327,7 +343,7 @@ class FSDPEngine(Engine):
         if cfg.compile_layers and self.cuda and cfg.recompute == "none":
             from train.models.layer_compile import compile_hf_layers
 
-            self.compiled_layers = compile_hf_layers(model)
+            self.compiled_layers = compile_hf_layers(model, cpp_wrapper=cfg.compile_cpp_wrapper)
 
         # torch's fused AdamW (one call for all parameters, train/optim.py) takes FSDP's DTensor shards
         self.optimizer, self.params = build_adamw(model, cfg, fused=self.cuda)
