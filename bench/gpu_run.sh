@@ -10,7 +10,8 @@
 #   attention   gpu_attention.py: FlashAttention-2 (two ways), FlashAttention-4, FlexAttention at the 2B model's shapes
 #   wgrad       gpu_wgrad.py: weight gradients into the fp32 main_grad, fused (one GEMM) against a GEMM + accumulation
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
-#               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones)
+#               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones;
+#               $THROUGHPUT_LIMIT: seconds after which no new variant starts, default 330)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
 #               ($VALIDATE_VARIANTS: another list, $VALIDATE_LIMIT: seconds)
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
@@ -117,8 +118,9 @@ for part in "$@"; do
     echo "== wgrad rc=$?"; cat "$OUT/wgrad.md"; grep -E "Error|error" "$OUT/wgrad.log" | tail -5
     ;;
   throughput)
-    TORCH_LOGS=recompiles timeout 420 $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} \
-      --variants ${BASE_VARIANTS:-megatron fsdp transformers} ${VARIANTS:-} ${PROFILE:+--profile} --time-limit-s 330 \
+    TORCH_LOGS=recompiles timeout $((${THROUGHPUT_LIMIT:-330} + 90)) $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 \
+      --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} --variants ${BASE_VARIANTS:-megatron fsdp transformers} ${VARIANTS:-} \
+      ${PROFILE:+--profile} --time-limit-s ${THROUGHPUT_LIMIT:-330} \
       --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
     echo "== throughput rc=$?"; grep -E "^\|" "$OUT/throughput.log"
     rm -f "$OUT"/throughput-*-profile.json  # Chrome traces: too large to bring back; their gap report is in the .txt

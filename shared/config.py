@@ -226,6 +226,17 @@ class TrainConfig:
     one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies with
     recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's hooks left
     eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
+    compile_cpp_wrapper: bool = False
+    """With compile_layers: Inductor's C++ wrapper, so the code that launches each compiled layer's kernels is C++
+    instead of Python (less host time per launch, where the GPU waits on the host); the first compile takes longer
+    (a C++ build per graph, needs a C++ compiler)."""
+    compile_skip_guards_after: int = 0
+    """With compile_layers: after this many training steps, the compiled layers check only the guards that pick
+    between their cached graphs (tensor sizes, dtypes and strides, and any that made a graph recompile so far), not
+    every guard (the modules' attributes, globals), which saves host time each call (torch.compiler.set_stance's
+    skip_guard_eval_unsafe). Unsafe where a later step would need a graph the warm-up steps did not compile for
+    another reason than its inputs' sizes: a changed module attribute runs the old graph. Training forwards and
+    backwards only; 0: every guard, always."""
     attention_backend: str = "auto"
     """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: flash_attn
     if installed, else aten_flash, torch_varlen, then fa4 on GPUs; sdpa on CPU or in fp32), or one of fa4,
@@ -298,7 +309,7 @@ class TrainConfig:
         )
         _check(self.clip_grad >= 0, f"{path}.clip_grad", "must be >= 0 (0 disables clipping)")
         _check(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
-        for name in ("save_interval", "keep_checkpoints", "eval_interval", "log_interval"):
+        for name in ("save_interval", "keep_checkpoints", "eval_interval", "log_interval", "compile_skip_guards_after"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", "must be >= 0")
         _check(self.eval_kv_cache_positions > self.eval_max_new_tokens, f"{path}.eval_kv_cache_positions",
                "must exceed eval_max_new_tokens (a prompt and its answer must fit)")

@@ -295,3 +295,35 @@ def test_bf16_sharding_casts_at_the_root_only_and_equals_the_bf16_model(family):
     assert all(seen[k] == {torch.bfloat16} for k in decoder), seen
     assert all(seen[k] == {torch.bfloat16, torch.float32} for k in vision), seen  # hidden states, cos/sin
 
+
+def test_skipping_guards_after_warm_up_keeps_the_training_step_exact(standin_varlen, tmp_path):
+    """train.compile_skip_guards_after: from the named step on, the training forwards and backwards run with only
+    the guards that pick between cached graphs. Against an engine that checks every guard, over steps of new
+    lengths and an eval in between (a no-grad graph in the cache, which a training call must not pick), the losses
+    and gradients stay equal; the stance holds inside the training step only."""
+    from torch._dynamo.eval_frame import _is_skip_guard_eval_unsafe_stance
+
+    from train.models.layer_compile import compile_hf_layers
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=4, save_to=tmp_path)
+    checked, skipping = _engine(cfg, tmp_path), _engine(cfg, tmp_path, compile_skip_guards_after=1)
+    stances = []
+    for e in (checked, skipping):
+        e.compiled_layers = compile_hf_layers(e.model)
+    first_layer = next(m for m in skipping.inner.modules() if type(m).__name__.endswith("TextDecoderLayer"))
+    first_layer.register_forward_pre_hook(lambda m, a: stances.append(_is_skip_guard_eval_unsafe_stance()))
+    grids = [[(1, 4, 4), (1, 8, 4)], [(1, 4, 8), (1, 4, 4), (1, 8, 8)], [(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]]
+    batches = [_micro_batch(hf, 10 * i, g) for i, g in enumerate(grids)]
+    for i, mb in enumerate(batches):
+        out = [e.train_step([mb], num_loss_tokens=len(mb.loss_positions), lr=1e-2) for e in (checked, skipping)]
+        torch.testing.assert_close(out[1]["loss_sum"], out[0]["loss_sum"], rtol=1e-5, atol=0)
+        grads = [_grads(e) for e in (checked, skipping)]
+        assert set(grads[1]) == set(grads[0]) and grads[0]
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
+        if i == 0:
+            for e in (checked, skipping):
+                with e.evaluating():
+                    e.eval_loss(batches[1])
+    assert stances == [False, False, True, True, True], stances  # step 1 and the eval check every guard
+    assert not _is_skip_guard_eval_unsafe_stance()

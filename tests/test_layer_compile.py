@@ -103,8 +103,9 @@ def _step(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe"])  # the MoE one has dense layers too
-def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
+@pytest.mark.parametrize("family,cpp_wrapper", [("qwen2_5_vl", False), ("qwen3_vl_moe", False),  # MoE: dense layers too
+                                                ("qwen2_5_vl", True)])  # train.compile_cpp_wrapper
+def test_compiled_layers_equal_eager(family, cpp_wrapper, standin_varlen, tmp_path):
     from torch._dynamo.utils import counters
 
     from train.models import convert
@@ -120,7 +121,7 @@ def test_compiled_layers_equal_eager(family, standin_varlen, tmp_path):
         convert.load_hf_checkpoint(m, str(tmp_path))
         models.append(m)
     eager, compiled = models
-    n_llm, n_vit = compile_layers(compiled)
+    n_llm, n_vit = compile_layers(compiled, cpp_wrapper=cpp_wrapper)
     assert (n_llm, n_vit) == (cfg.text_config.num_hidden_layers, cfg.vision_config.depth)
     # Three micro-batches: different token counts, sample counts and longest samples (all dynamic).
     batches = [_batch(hf, 10 * i, grids) for i, grids in enumerate([[(1, 4, 4), (1, 8, 4)], [(1, 4, 8), (1, 4, 4), (1, 8, 8)], [(1, 8, 4)]])]

@@ -80,6 +80,10 @@ class Engine(abc.ABC):
     inner: torch.nn.Module
     optimizer: Any
     """Anything with param_groups (the step sets their lr)."""
+    compiled_layers: tuple[int, int] = (0, 0)
+    """(decoder layers, vision blocks) running as compiled graphs (train.compile_layers)."""
+    steps_run = 0
+    """Training steps this engine has run (train.compile_skip_guards_after counts them)."""
 
     collective_forward = False
     """Whether an eval or generation forward is a collective over the data-parallel ranks, so that every rank must
@@ -143,13 +147,25 @@ class Engine(abc.ABC):
         denom = float(max(1, num_loss_tokens))
         # an empty slot only keeps micro-batch counts equal across ranks: it runs where other ranks need it
         runs = [mb for mb in micro_batches if mb.num_real_tokens or self.collective_train_forward]
-        for i, mb in enumerate(runs):
-            self._before_forward(mb, len(micro_batches), last=i == len(runs) - 1)
-            loss = self.forward(forward_args(mb, labels=True), training=True)
-            (loss / denom).backward()
-            loss_sum += loss.detach().float()
+        with self._guard_stance():
+            for i, mb in enumerate(runs):
+                self._before_forward(mb, len(micro_batches), last=i == len(runs) - 1)
+                loss = self.forward(forward_args(mb, labels=True), training=True)
+                (loss / denom).backward()
+                loss_sum += loss.detach().float()
         ok, grad_norm = self._finish_step()
+        self.steps_run += 1
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "ok": ok, **self._step_metrics()}
+
+    def _guard_stance(self):
+        """train.compile_skip_guards_after: once that many steps have run, the compiled layers' calls check only
+        the guards that tell their cached graphs apart (tensor sizes, dtypes, strides, and whatever made a graph
+        recompile so far) instead of all of them (~0.2 ms of host time a call on a GPU, ~300 calls a step). Only
+        around the training forwards and backwards: evaluation and generation keep every guard."""
+        n = self.cfg.compile_skip_guards_after
+        if n and any(self.compiled_layers) and self.steps_run >= n:
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def evaluating(self):

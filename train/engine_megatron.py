@@ -208,7 +208,7 @@ class MegatronEngine(Engine):
         if cfg.compile_layers and self.cuda and cfg.tensor_parallel == 1 and cfg.recompute == "none":
             from train.models.layer_compile import compile_layers
 
-            self.compiled_layers = compile_layers(model)
+            self.compiled_layers = compile_layers(model, cpp_wrapper=cfg.compile_cpp_wrapper)
         self.model_config = model.config
         self.inner = model  # the unwrapped QwenVLModel (checkpoints, export, generation)
         from train.models.qwen_vl import LocalTopKRouter

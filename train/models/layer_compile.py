@@ -57,14 +57,18 @@ def _inductor_options() -> dict:
 
 
 @functools.cache
-def _compiled(fn):
+def _compiled(fn, cpp_wrapper: bool = False):
+    """fn compiled; cpp_wrapper: Inductor writes the code that calls a graph's kernels in C++ rather than Python
+    (train.compile_cpp_wrapper): the host's cost per kernel launch, which the GPU waits on in a host-bound step,
+    for a longer first compile (a C++ build per graph)."""
     _install_warn_substitute()
     # A safety margin: past Dynamo's default limit of 8 graphs per function a new shape would run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    return torch.compile(fn, dynamic=True, options=_inductor_options())
+    options = _inductor_options() | ({"cpp_wrapper": True} if cpp_wrapper else {})
+    return torch.compile(fn, dynamic=True, options=options)
 
 
-def compile_language_layers(language_model) -> int:
+def compile_language_layers(language_model, cpp_wrapper: bool = False) -> int:
     """Compile the decoder layers of a `QwenVLLanguageModel` (MoE layers: their attention half); returns how many."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -78,29 +82,29 @@ def compile_language_layers(language_model) -> int:
         if isinstance(layer.mlp, MoELayer):
             # The MoE half routes tokens with data-dependent shapes (host syncs for the expert sizes) and stays
             # eager; the attention half (norms, projections, rope, residual) is one graph like a dense layer's.
-            layer._forward_attention = functools.partial(_compiled(TransformerLayer._forward_attention), layer)
+            layer._forward_attention = functools.partial(_compiled(TransformerLayer._forward_attention, cpp_wrapper), layer)
         else:
-            layer.compiled_forward = functools.partial(_compiled(TransformerLayer.forward), layer)
+            layer.compiled_forward = functools.partial(_compiled(TransformerLayer.forward, cpp_wrapper), layer)
         n += 1
     return n
 
 
-def compile_vision_blocks(visual: torch.nn.Module) -> int:
+def compile_vision_blocks(visual: torch.nn.Module, cpp_wrapper: bool = False) -> int:
     """Compile the blocks of a transformers vision tower (`Qwen3VLVisionModel`, Qwen2.5-VL's); returns how many."""
     for block in visual.blocks:
         # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks included) stays eager.
-        block.forward = functools.partial(_compiled(type(block).forward), block)
+        block.forward = functools.partial(_compiled(type(block).forward, cpp_wrapper), block)
     return len(visual.blocks)
 
 
-def compile_layers(model) -> tuple[int, int]:
+def compile_layers(model, cpp_wrapper: bool = False) -> tuple[int, int]:
     """Compile a `QwenVLModel`'s decoder layers and vision blocks in place: (LLM layers, vision blocks)."""
-    n_llm = compile_language_layers(model.language_model)
-    n_vit = compile_vision_blocks(model.vision.model) if getattr(model, "pre_process", True) else 0
+    n_llm = compile_language_layers(model.language_model, cpp_wrapper)
+    n_vit = compile_vision_blocks(model.vision.model, cpp_wrapper) if getattr(model, "pre_process", True) else 0
     return n_llm, n_vit
 
 
-def compile_hf_layers(model) -> tuple[int, int]:
+def compile_hf_layers(model, cpp_wrapper: bool = False) -> tuple[int, int]:
     """Compile a transformers Qwen-VL model's text decoder layers and vision blocks in place (the FSDP backend's
     model, `AutoModelForImageTextToText`): (decoder layers, vision blocks).
 
@@ -119,8 +123,8 @@ def compile_hf_layers(model) -> tuple[int, int]:
     for layer in core.language_model.layers:
         if hasattr(layer.mlp, "experts"):
             attn = layer.self_attn
-            attn.forward = functools.partial(_compiled(type(attn).forward), attn)
+            attn.forward = functools.partial(_compiled(type(attn).forward, cpp_wrapper), attn)
         else:
-            layer.forward = functools.partial(_compiled(type(layer).forward), layer)
+            layer.forward = functools.partial(_compiled(type(layer).forward, cpp_wrapper), layer)
         n += 1
-    return n, compile_vision_blocks(core.visual)
+    return n, compile_vision_blocks(core.visual, cpp_wrapper)
