@@ -327,3 +327,22 @@ def test_skipping_guards_after_warm_up_keeps_the_training_step_exact(standin_var
                     e.eval_loss(batches[1])
     assert stances == [False, False, True, True, True], stances  # step 1 and the eval check every guard
     assert not _is_skip_guard_eval_unsafe_stance()
+
+
+def test_skipped_guards_still_pick_graphs_by_size_range_and_grad_mode():
+    """What train.compile_skip_guards_after relies on in torch: with guard evaluation skipped, a call still selects
+    among its cached graphs by the symbolic-size guards (Inductor's size ranges) and by grad mode."""
+    @torch.compile(dynamic=True, backend="eager")
+    def f(x, w):
+        return (x * w).sum() * (2 if x.shape[0] > 8 else 3)
+
+    w = torch.ones((), requires_grad=True)
+    for n in (10, 4, 11, 5):
+        f(torch.ones(n), w)
+    with torch.no_grad():
+        f(torch.ones(6), w)
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        assert [float(f(torch.ones(n), w)) for n in (12, 3, 9, 8)] == [24.0, 9.0, 18.0, 24.0]
+        assert f(torch.ones(7), w).requires_grad
+        with torch.no_grad():
+            assert not f(torch.ones(7), w).requires_grad
