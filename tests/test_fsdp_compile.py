@@ -160,6 +160,33 @@ def test_one_process_keeps_gathered_weights_within_a_step_only(tmp_path):
     torch.testing.assert_close(after[2], expected, rtol=1e-6, atol=0)
 
 
+def test_one_process_shards_the_model_as_one_group_and_takes_the_per_layer_steps(tmp_path, monkeypatch):
+    """At world size 1 the engine shards the root alone (no FSDP hooks around each layer); two steps of two
+    micro-batches give the losses, gradients and weights of the per-layer sharding that several ranks use."""
+    from train import engine_fsdp
+
+    cfg, hf = fx.random_hf_model("qwen3_vl", seed=7, save_to=tmp_path)
+    steps = [[_micro_batch(hf, 90 + 10 * i + j, [(1, 4, 4), (1, 8, 4)][j:]) for j in range(2)] for i in range(2)]
+    results = []
+    real = engine_fsdp.shard_model
+    for per_block in (False, True):
+        if per_block:
+            monkeypatch.setattr(engine_fsdp, "shard_model", lambda *a, **k: real(*a, **{**k, "per_block": True}))
+        engine = _engine(cfg, tmp_path, lr=1e-2)
+        losses = [engine.train_step(mbs, num_loss_tokens=sum(len(mb.loss_positions) for mb in mbs), lr=1e-2)["loss_sum"]
+                  for mbs in steps]
+        results.append((len(engine.fsdp_modules), losses, _grads(engine),
+                        {n: p.detach().full_tensor() for n, p in engine.model.named_parameters()}))
+    (groups, losses, grads, params), (groups_pb, losses_pb, grads_pb, params_pb) = results
+    assert groups == 1 and groups_pb == 1 + cfg.text_config.num_hidden_layers + cfg.vision_config.depth
+    assert [float(x) for x in losses] == [float(x) for x in losses_pb]
+    assert set(grads) == set(grads_pb) and set(params) == set(params_pb)
+    for name, g in grads_pb.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+    for name, p in params_pb.items():
+        torch.testing.assert_close(params[name], p, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_build_adamw_fused_flag(tmp_path):
     """fused=False (the default) keeps torch's default AdamW; fused=True steps FSDP's DTensor shards the same."""
     from torch.distributed.tensor import distribute_tensor
@@ -342,7 +369,7 @@ def test_skipped_guards_still_pick_graphs_by_size_range_and_grad_mode():
     with torch.no_grad():
         f(torch.ones(6), w)
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-        assert [float(f(torch.ones(n), w)) for n in (12, 3, 9, 8)] == [24.0, 9.0, 18.0, 24.0]
+        assert [f(torch.ones(n), w).detach().item() for n in (12, 3, 9, 8)] == [24.0, 9.0, 18.0, 24.0]
         assert f(torch.ones(7), w).requires_grad
         with torch.no_grad():
             assert not f(torch.ones(7), w).requires_grad

@@ -82,6 +82,23 @@ def test_fsdp_resume_continues_exactly(full_run, demo_shards, init_checkpoint, t
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
 
 
+def test_fsdp_resumes_two_processes_checkpoint_on_one(full_run, demo_shards, init_checkpoint, tmp_path):
+    # two processes shard per layer, one process the whole model as one group: the checkpoint (keyed by parameter
+    # name) carries over, and the one process goes on with the two processes' losses (other summation order only);
+    # 13 steps instead of 20 (the lr is constant here, so the schedule is the same)
+    run = tmp_path / "on-one"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "step-0000010", run / "checkpoints" / "step-0000010")
+    (run / "checkpoints" / "latest").write_text("step-0000010")
+    proc = geo3k(*train_args(demo_shards, init_checkpoint, run, "--backend", "fsdp", "--set", "train.train_iters=13",
+                             "--set", "train.eval_interval=0", "--resume", "--allow-schedule-change"), cwd=tmp_path, threads=2)
+    assert "resumed from" in proc.stdout and "world 1 (tp 1, dp 1)" in proc.stdout
+    a, b = losses(full_run), losses(run)
+    assert sorted(b) == [11, 12, 13]
+    for s in range(11, 14):
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+
+
 def test_fsdp_and_megatron_take_the_same_first_steps(full_run, demo_shards, init_checkpoint, tmp_path):
     # same weights, same data and order (the plan does not depend on the number of ranks), same lr, fp32 on CPU
     run = tmp_path / "megatron"

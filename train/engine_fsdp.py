@@ -11,7 +11,8 @@ Megatron-Core (an optional dependency).
               so attention never crosses samples (the data path's per-sample M-RoPE positions go in as the
               model's 3-row position_ids, shape [3, 1, T])
     sharding  `fully_shard` on each decoder layer and vision block (the model's `_no_split_modules`), then the
-              root (embeddings, tied LM head, final norm, patch embedding and mergers). One data-parallel mesh
+              root (embeddings, tied LM head, final norm, patch embedding and mergers); one process shards the
+              root alone (the whole model, one group: no per-layer hooks). One data-parallel mesh
               over all processes; no tensor parallelism. On GPUs bf16 compute with fp32 sharded master weights
               and fp32 gradient reduction (MixedPrecisionPolicy); on CPU plain fp32 (gloo). One process gathers
               each layer once per step, not in every forward and backward (a gather is a copy there), and
@@ -251,9 +252,10 @@ def vectorised_grad_accumulation(fsdp_modules) -> int:
     return n
 
 
-def shard_model(model: torch.nn.Module, mesh, *, bf16: bool, reshard_after_forward: bool) -> None:
+def shard_model(model: torch.nn.Module, mesh, *, bf16: bool, reshard_after_forward: bool, per_block: bool = True) -> None:
     """FSDP2's `fully_shard` on each layer the model names unsplittable (`_no_split_modules`: its decoder layers and
     vision blocks), then on the whole model. bf16: bf16 parameters for compute, fp32 gradient reduction.
+    per_block=False: the whole model as one group (what one process wants: see the engine).
 
     Only the root casts its floating-point inputs to bf16 (the pixels). A block's inputs are the model's own
     activations, already bf16, but for the vision blocks' rotary cos/sin, which transformers computes in fp32 and
@@ -266,7 +268,7 @@ def shard_model(model: torch.nn.Module, mesh, *, bf16: bool, reshard_after_forwa
     if not blocks:
         raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
     block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
-    for block in blocks:
+    for block in blocks if per_block else ():
         fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
@@ -309,9 +311,14 @@ class FSDPEngine(Engine):
         # gathered from the first forward of a step to the step's end: one bf16 copy of the model beside the fp32
         # master (as Megatron's bf16 weights beside its optimizer's fp32 ones), instead of a layer or two at a
         # time. _finish_step reshards before the optimizer changes the shards: FSDP's unshard is a no-op on an
-        # unsharded module, which would go on with the old weights.
+        # unsharded module, which would go on with the old weights. Kept gathered, per-layer groups would buy
+        # nothing, and each costs FSDP's Python hooks around every layer's forward and backward (~0.4 ms of host
+        # time a layer and micro-batch on the CPU box; 52 layers on the 2B model): one process shards the whole
+        # model as one group. What that costs: a micro-batch's bf16 gradients all live until its backward ends
+        # (+2 bytes a parameter) before they are added into the float32 ones.
         self._reshard_after_forward = world.world_size > 1
-        shard_model(model, mesh, bf16=self.bf16, reshard_after_forward=self._reshard_after_forward)
+        shard_model(model, mesh, bf16=self.bf16, reshard_after_forward=self._reshard_after_forward,
+                    per_block=world.world_size > 1)
         _fill_from_rank0(model, source, world.device)
         del source
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
