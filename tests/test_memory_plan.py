@@ -37,6 +37,17 @@ def test_layouts_divide_what_they_split():
     assert full.activations < 0.7 * dp.activations  # the language model's; the vision tower keeps its own
 
 
+def test_fsdp_on_one_gpu_counts_the_gathered_model():
+    # one process keeps a bf16 copy of the whole model through the step (one FSDP group) beside the fp32 master,
+    # and a micro-batch's bf16 gradients beside the fp32 sums; several processes gather a layer or two at a time
+    cfg = load_hf_config("qwen3-vl-2b")
+    c = count_parameters(cfg)
+    one, two = plan(cfg, TrainConfig(backend="fsdp"), 1), plan(cfg, TrainConfig(backend="fsdp"), 2)
+    assert one.weights == one.grads == 6 * c.total
+    assert two.weights == pytest.approx(2 * c.total + 2 * (2 * c.largest_block + c.root)) and two.grads == 2 * c.total
+    assert not any("eval gathers" in n for n in one.notes) and any("eval gathers" in n for n in two.notes)
+
+
 def test_plan_cli_and_refusal(tmp_path):
     base = ["train", "--plan", "--set", "model.name_or_path=qwen3-vl-30b-a3b"]
     one = geo3k(*base, cwd=tmp_path).stdout

@@ -137,7 +137,8 @@ def plan(hf_config, tc, world_size: int, image_token_fraction: float = 0.85) -> 
         if world_size == 1:  # one process keeps the model gathered in bf16 and holds a micro-batch's bf16 gradients
             weights, grads = 4 * held + 2 * c.total, 4 * held + 2 * c.total
         layout = f"FSDP over {world_size} GPU(s), {'bf16' if tc.bf16 else 'fp32'}"
-        notes.append(f"eval gathers the whole model: +{2 * c.total / GIB:.1f} GiB of bf16 weights while it runs")
+        if world_size > 1:
+            notes.append(f"eval gathers the whole model: +{2 * c.total / GIB:.1f} GiB of bf16 weights while it runs")
     else:
         dense = c.vision + c.norms + (c.vocab + c.split) / tp
         experts = c.experts / (tp * ep)
