@@ -231,10 +231,10 @@ class TrainConfig:
     instead of Python (less host time per launch, where the GPU waits on the host); the first compile takes longer
     (a C++ build per graph, needs a C++ compiler)."""
     compile_skip_guards_after: int = 0
-    """With compile_layers: after this many training steps, the compiled layers check only the guards that pick
-    between their cached graphs (tensor sizes, dtypes and strides, and any that made a graph recompile so far), not
-    every guard (the modules' attributes, globals), which saves host time each call (torch.compiler.set_stance's
-    skip_guard_eval_unsafe). Unsafe where a later step would need a graph the warm-up steps did not compile for
+    """With compile_layers: after this many training steps of the process (a resumed run warms up again), the
+    compiled layers check only the guards that pick between their cached graphs (tensor sizes and size ranges,
+    dtypes, strides, grad mode, and any that made a graph recompile so far), not every guard (the modules'
+    attributes, globals), which saves host time each call (torch.compiler.set_stance's skip_guard_eval_unsafe). Unsafe where a later step would need a graph the warm-up steps did not compile for
     another reason than its inputs' sizes: a changed module attribute runs the old graph. Training forwards and
     backwards only; 0: every guard, always."""
     attention_backend: str = "auto"
