@@ -13,7 +13,7 @@ random init, SDPA, bf16 parameters, fused torch AdamW, clip 1.0, Python's collec
 order while B x longest fits --max-tokens, padded to the longest (attention_mask; labels -100 on padding and off the loss
 mask), gradients accumulated over the step, transformers' loss with num_items_in_batch = the step's loss tokens (the engines'
 per-token mean: CE summed / loss tokens), the same uint8 patches normalised on the device. The first preset gets every
-variant, the others megatron only.
+variant, the others the first variant only.
 
 Per variant: step time (median of --steps after --warmup), real (non-padding) tokens/s, x baseline (over the preset's
 `transformers` row), model TFLOP/s (totals / time) and MFU (train/flops.py: the LM head at the loss positions as the engines
@@ -57,7 +57,7 @@ from train.models import load_hf_config  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="a split folder with manifest.json")
-    p.add_argument("--presets", default="qwen3-vl-2b", help="comma list; the first gets every variant, the rest megatron only")
+    p.add_argument("--presets", default="qwen3-vl-2b", help="comma list; the first gets every variant, the rest the first variant only")
     p.add_argument("--variants", nargs="+", default=["megatron", "fsdp"], help="megatron, fsdp or ENGINE:key=value,key=value")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, compiles, loader workers)")
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs\n# {' '.join(sys.argv)}")
     presets, results, t_all = args.presets.split(","), [], time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for preset, variant in [(p, v) for i, p in enumerate(presets) for v in args.variants if i == 0 or v == "megatron"]:
+    for preset, variant in [(p, v) for i, p in enumerate(presets) for v in args.variants if i == 0 or v == args.variants[0]]:
         results.append(r := Result(preset, variant))
         print(f"\n## {preset} / {variant}  (t = {time.perf_counter() - t_all:.0f} s)", flush=True)
         label = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{preset}-{variant}")

@@ -9,7 +9,7 @@
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
 #   attention   gpu_attention.py: FlashAttention-2 (two ways), FlashAttention-4, FlexAttention at the 2B model's shapes
 #   wgrad       gpu_wgrad.py: weight gradients into the fp32 main_grad, fused (one GEMM) against a GEMM + accumulation
-#   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B Megatron
+#   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B: the first one
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones;
 #               $THROUGHPUT_LIMIT: seconds after which no new variant starts, default 330)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
