@@ -224,19 +224,20 @@ class TrainConfig:
     compile_layers: bool = True
     """On GPUs, compile each decoder layer and each vision block whole (torch.compile; train/models/layer_compile.py):
     one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies with
-    recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's hooks left
-    eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
+    recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's per-layer hooks,
+    where there are several processes, left eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
     compile_cpp_wrapper: bool = False
     """With compile_layers: Inductor's C++ wrapper, so the code that launches each compiled layer's kernels is C++
     instead of Python (less host time per launch, where the GPU waits on the host); the first compile takes longer
     (a C++ build per graph, needs a C++ compiler)."""
     compile_skip_guards_after: int = 0
-    """With compile_layers: after this many training steps of the process (a resumed run warms up again), the
-    compiled layers check only the guards that pick between their cached graphs (tensor sizes and size ranges,
+    """With compile_layers: after this many training steps of the process (a resumed run warms up again), each
+    compiled layer's call checks only the guards that pick between its cached graphs (tensor sizes and size ranges,
     dtypes, strides, grad mode, and any that made a graph recompile so far), not every guard (the modules'
-    attributes, globals), which saves host time each call (torch.compiler.set_stance's skip_guard_eval_unsafe). Unsafe where a later step would need a graph the warm-up steps did not compile for
-    another reason than its inputs' sizes: a changed module attribute runs the old graph. Training forwards and
-    backwards only; 0: every guard, always."""
+    attributes, globals), which saves host time each call (torch.compiler.set_stance's skip_guard_eval_unsafe); a
+    call that no cached graph fits compiles one with every guard checked. Unsafe only where a graph depends on
+    something outside those guards: a module attribute changed after warm-up would run the old graph. Training
+    forwards and backwards only; 0: every guard, always."""
     attention_backend: str = "auto"
     """Varlen attention kernel (train/models/attention.py): auto (the fastest this device and dtype run: flash_attn
     if installed, else aten_flash, torch_varlen, then fa4 on GPUs; sdpa on CPU or in fp32), or one of fa4,

@@ -92,15 +92,21 @@ def _grads(engine):
     return {n: p.grad.full_tensor() for n, p in engine.model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_hf_layers_under_fsdp_equal_eager(standin_varlen, tmp_path):
+@pytest.mark.parametrize("per_block", [False, True])  # one process's single group; several processes' per-layer groups
+def test_compiled_hf_layers_under_fsdp_equal_eager(per_block, standin_varlen, tmp_path, monkeypatch):
     """Qwen3-VL (deepstack) under FSDP2: compiled layers give the eager loss and gradients on micro-batches of
-    two lengths, sample counts and longest samples, with no graph break and no new graph for the second."""
+    two lengths, sample counts and longest samples, with no graph break and no new graph for the second; also
+    with FSDP's hooks around each compiled layer, as several processes shard (here forced on one)."""
     from torch._dynamo.utils import counters
 
+    from train import engine_fsdp
     from train.models.layer_compile import compile_hf_layers
 
+    real = engine_fsdp.shard_model
+    monkeypatch.setattr(engine_fsdp, "shard_model", lambda *a, **k: real(*a, **{**k, "per_block": per_block}))
     cfg, hf = fx.random_hf_model("qwen3_vl", seed=3, save_to=tmp_path)
     eager, compiled = _engine(cfg, tmp_path), _engine(cfg, tmp_path)
+    assert len(compiled.fsdp_modules) == (1 + cfg.text_config.num_hidden_layers + cfg.vision_config.depth if per_block else 1)
     assert compile_hf_layers(compiled.model) == (cfg.text_config.num_hidden_layers, cfg.vision_config.depth)
     batches = [_micro_batch(hf, 10, [(1, 4, 4), (1, 8, 4)]), _micro_batch(hf, 20, [(1, 4, 8), (1, 4, 4), (1, 8, 8)])]
     assert len(set(len(b.input_ids) for b in batches)) == 2 and len(set(b.max_seqlen for b in batches)) == 2
@@ -328,8 +334,7 @@ def test_skipping_guards_after_warm_up_keeps_the_training_step_exact(standin_var
     the guards that pick between cached graphs. Against an engine that checks every guard, over steps of new
     lengths and an eval in between (a no-grad graph in the cache, which a training call must not pick), the losses
     and gradients stay equal; the stance holds inside the training step only."""
-    from torch._dynamo.eval_frame import _is_skip_guard_eval_unsafe_stance
-
+    from train.models import layer_compile
     from train.models.layer_compile import compile_hf_layers
 
     cfg, hf = fx.random_hf_model("qwen3_vl", seed=4, save_to=tmp_path)
@@ -338,7 +343,7 @@ def test_skipping_guards_after_warm_up_keeps_the_training_step_exact(standin_var
     for e in (checked, skipping):
         e.compiled_layers = compile_hf_layers(e.model)
     first_layer = next(m for m in skipping.inner.modules() if type(m).__name__.endswith("TextDecoderLayer"))
-    first_layer.register_forward_pre_hook(lambda m, a: stances.append(_is_skip_guard_eval_unsafe_stance()))
+    first_layer.register_forward_pre_hook(lambda m, a: stances.append(layer_compile._skip_guards))
     grids = [[(1, 4, 4), (1, 8, 4)], [(1, 4, 8), (1, 4, 4), (1, 8, 8)], [(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]]
     batches = [_micro_batch(hf, 10 * i, g) for i, g in enumerate(grids)]
     for i, mb in enumerate(batches):
@@ -353,23 +358,36 @@ def test_skipping_guards_after_warm_up_keeps_the_training_step_exact(standin_var
                 with e.evaluating():
                     e.eval_loss(batches[1])
     assert stances == [False, False, True, True, True], stances  # step 1 and the eval check every guard
-    assert not _is_skip_guard_eval_unsafe_stance()
+    assert not layer_compile._skip_guards
 
 
 def test_skipped_guards_still_pick_graphs_by_size_range_and_grad_mode():
-    """What train.compile_skip_guards_after relies on in torch: with guard evaluation skipped, a call still selects
-    among its cached graphs by the symbolic-size guards (Inductor's size ranges) and by grad mode."""
-    @torch.compile(dynamic=True, backend="eager")
+    """What train.compile_skip_guards_after relies on in torch, through the wrapper every compiled layer has: with
+    guard evaluation skipped a call still selects among its cached graphs by the symbolic-size guards (Inductor's
+    size ranges) and by grad mode (aot_eager: a graph traced without grad has no backward), and a size that no
+    cached graph fits is compiled, with every guard, where torch alone would raise."""
+    from train.models import layer_compile
+
     def f(x, w):
         return (x * w).sum() * (2 if x.shape[0] > 8 else 3)
 
+    torch._dynamo.reset()
+    f_compiled = torch.compile(f, dynamic=True, backend="aot_eager")
+    wrapped = layer_compile._skipping_guards_when_asked(f_compiled)
     w = torch.ones((), requires_grad=True)
-    for n in (10, 4, 11, 5):
-        f(torch.ones(n), w)
+    for n in (10, 11, 12):
+        wrapped(torch.ones(n), w)
     with torch.no_grad():
-        f(torch.ones(6), w)
-    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-        assert [f(torch.ones(n), w).detach().item() for n in (12, 3, 9, 8)] == [24.0, 9.0, 18.0, 24.0]
-        assert f(torch.ones(7), w).requires_grad
+        wrapped(torch.ones(13), w)
+    with layer_compile.skipping_guards():
+        assert [wrapped(torch.ones(n), w).detach().item() for n in (14, 9)] == [28.0, 18.0]
+        assert wrapped(torch.ones(15), w).requires_grad
         with torch.no_grad():
-            assert not f(torch.ones(7), w).requires_grad
+            assert not wrapped(torch.ones(15), w).requires_grad
+        with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"):  # torch alone: no graph for size <= 8
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                f_compiled(torch.ones(4), w)
+        assert wrapped(torch.ones(4), w).detach().item() == 12.0  # the wrapper compiles it
+        assert wrapped(torch.ones(3), w).detach().item() == 9.0
+    assert not layer_compile._skip_guards
+    torch._dynamo.reset()

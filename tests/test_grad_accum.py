@@ -91,3 +91,23 @@ def test_the_fused_weight_gradient_op_adds_into_main_grad():
     grad_accum.add_weight_grad_(main32, gb, xb)
     assert torch.equal(main32, (gb.T @ xb).float())
     assert not torch.equal(main32, gb.float().T @ xb.float())  # so the bf16-rounded path it was
+
+
+def test_the_fused_op_runs_with_grad_enabled_and_survives_a_reload():
+    """The op has no autograd kernel: called where grad is on with inputs that need one (a backward with
+    create_graph), it still adds; reloading its module keeps the one definition working (in a fresh process: a
+    reload here would swap this module's classes under the other tests)."""
+    code = textwrap.dedent("""
+        import gc, importlib, torch
+        from train import grad_accum
+        main_grad = torch.zeros(3, 4)
+        g, x = torch.randn(5, 3, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+        grad_accum.add_weight_grad_(main_grad, g, x)
+        importlib.reload(grad_accum)
+        gc.collect()
+        grad_accum.add_weight_grad_(main_grad, g, x)
+        torch.testing.assert_close(main_grad, 2 * g.detach().t() @ x.detach())
+        print("added twice")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and "added twice" in out.stdout, out.stderr[-2000:]

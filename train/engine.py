@@ -159,12 +159,15 @@ class Engine(abc.ABC):
 
     def _guard_stance(self):
         """train.compile_skip_guards_after: once that many steps have run, the compiled layers' calls check only
-        the guards that tell their cached graphs apart (tensor sizes, dtypes, strides, and whatever made a graph
-        recompile so far) instead of all of them (~0.2 ms of host time a call on a GPU, ~300 calls a step). Only
-        around the training forwards and backwards: evaluation and generation keep every guard."""
+        the guards that tell their cached graphs apart (tensor sizes and size ranges, dtypes, strides, grad mode,
+        and whatever made a graph recompile so far) instead of all of them (~0.2 ms of host time a call on a GPU,
+        ~300 calls a step); a call no cached graph fits compiles one with every guard. Only around the training
+        forwards and backwards: evaluation and generation keep every guard."""
         n = self.cfg.compile_skip_guards_after
         if n and any(self.compiled_layers) and self.steps_run >= n:
-            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            from train.models.layer_compile import skipping_guards
+
+            return skipping_guards()
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

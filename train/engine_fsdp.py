@@ -315,7 +315,9 @@ class FSDPEngine(Engine):
         # nothing, and each costs FSDP's Python hooks around every layer's forward and backward (~0.4 ms of host
         # time a layer and micro-batch on the CPU box; 52 layers on the 2B model): one process shards the whole
         # model as one group. What that costs: a micro-batch's bf16 gradients all live until its backward ends
-        # (+2 bytes a parameter) before they are added into the float32 ones.
+        # (+2 bytes a parameter) before they are added into the float32 ones, and the step's one reduction copies
+        # the float32 gradients of the whole model at once (+8 bytes a parameter for a moment, when the last
+        # backward has freed the activations).
         self._reshard_after_forward = world.world_size > 1
         shard_model(model, mesh, bf16=self.bf16, reshard_after_forward=self._reshard_after_forward,
                     per_block=world.world_size > 1)
@@ -323,10 +325,12 @@ class FSDPEngine(Engine):
         del source
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for m in self.fsdp_modules:
-            # sum over ranks (the loss is already divided by the global count) with a plain SUM collective:
-            # a divide factor alone becomes NCCL's PreMulSum, which gloo lacks
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
+            if world.world_size > 1:
+                # sum over ranks (the loss is already divided by the global count) with a plain SUM collective:
+                # a divide factor alone becomes NCCL's PreMulSum, which gloo lacks. (One process copies its
+                # gradients over as they are without one; with one it would divide them by 1 into a temporary.)
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
             if not self._reshard_after_forward and hasattr(m, "set_reshard_after_backward"):
                 m.set_reshard_after_backward(False, recurse=False)
         # ranks whose micro-batch leaves a parameter unused must still join its reduce-scatter. torch < 2.12
@@ -342,11 +346,12 @@ class FSDPEngine(Engine):
 
         self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
         # Per-layer compile (train/models/layer_compile.py), as under Megatron, with transformers' layers. After
-        # fully_shard, which swaps each layer's class for an FSDP subclass: the compiled function is the forward
-        # that class runs. Only the layer's forward is replaced (an instance attribute), so FSDP2's hooks (all-gather
-        # before, reshard after, the backward hooks on the inputs and outputs) run eagerly around the graph, and the
-        # graph reads the gathered parameters FSDP puts on the module. Recomputation (transformers' checkpointing
-        # around the forward) is untested compiled.
+        # fully_shard, which (with several processes) swaps each layer's class for an FSDP subclass: the compiled
+        # function is the forward that class runs. Only the layer's forward is replaced (an instance attribute), so
+        # FSDP2's per-layer hooks (all-gather before, reshard after, the backward hooks on the inputs and outputs)
+        # run eagerly around the graph, and the graph reads the gathered parameters FSDP puts on the module (one
+        # process has no per-layer hooks: the root's gather covers every layer). Recomputation (transformers'
+        # checkpointing around the forward) is untested compiled.
         if cfg.compile_layers and self.cuda and cfg.recompute == "none":
             from train.models.layer_compile import compile_hf_layers
 

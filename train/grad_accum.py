@@ -107,6 +107,8 @@ def _fp32_out_addmm(device: torch.device) -> bool:
     return bool((c == 2).all())
 
 
+# the op has no autograd kernel: called with grad on (a backward with create_graph), addmm's out= would refuse
+@torch.no_grad()
 def _add_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
     if main_grad.dtype == grad_output.dtype:
         torch.addmm(main_grad, grad_output.t(), inputs, out=main_grad)
@@ -118,12 +120,15 @@ def _add_weight_grad(main_grad: torch.Tensor, grad_output: torch.Tensor, inputs:
 
 # An opaque op to the compiler (Inductor would otherwise lower the in-place GEMM-plus-add to a GEMM and an add),
 # defined on torch.library's lower level rather than as a `custom_op`: the compiled backward calls it ~1,100 times a
-# step, and custom_op's Python wrapper costs ~5 us a call more (4.4 against 9.4 us on CPU, of which addmm 2.2).
-_LIB = torch.library.Library("geo3k", "DEF")
-_LIB.define("add_weight_grad_(Tensor(a!) main_grad, Tensor grad_output, Tensor inputs) -> ()")
-for _key in ("CPU", "CUDA"):
-    _LIB.impl("add_weight_grad_", _add_weight_grad, _key)
-_LIB.impl("add_weight_grad_", lambda main_grad, grad_output, inputs: None, "Meta")
+# step, and custom_op's Python wrapper costs ~5 us a call more (4.4-4.9 against 9.4 us on CPU, of which addmm 1.7-2.2).
+# Defined once per process: a reload of this module or a second import under another name keeps the first
+# definition (and its library object, whose end would remove the op).
+if not hasattr(torch.ops.geo3k, "add_weight_grad_"):
+    _LIB = torch.library.Library("geo3k", "FRAGMENT")
+    _LIB.define("add_weight_grad_(Tensor(a!) main_grad, Tensor grad_output, Tensor inputs) -> ()")
+    for _key in ("CPU", "CUDA"):
+        _LIB.impl("add_weight_grad_", _add_weight_grad, _key)
+    _LIB.impl("add_weight_grad_", lambda main_grad, grad_output, inputs: None, "Meta")
 add_weight_grad_ = torch.ops.geo3k.add_weight_grad_.default
 """main_grad += grad_output^T @ inputs: grad_output [tokens, out], inputs [tokens, in], main_grad [out, in]."""
 

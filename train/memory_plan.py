@@ -136,6 +136,8 @@ def plan(hf_config, tc, world_size: int, image_token_fraction: float = 0.85) -> 
         grads, optimizer = 4 * held, 8 * held
         if world_size == 1:  # one process keeps the model gathered in bf16 and holds a micro-batch's bf16 gradients
             weights, grads = 4 * held + 2 * c.total, 4 * held + 2 * c.total
+            notes.append(f"the step's gradient reduction copies the float32 gradients once: +{8 * c.total / GIB:.1f} "
+                         "GiB for a moment, after the activations are freed")
         layout = f"FSDP over {world_size} GPU(s), {'bf16' if tc.bf16 else 'fp32'}"
         if world_size > 1:
             notes.append(f"eval gathers the whole model: +{2 * c.total / GIB:.1f} GiB of bf16 weights while it runs")

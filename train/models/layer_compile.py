@@ -28,6 +28,7 @@ layers inside a checkpoint function and tensor parallelism adds collectives to t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -65,7 +66,42 @@ def _compiled(fn, cpp_wrapper: bool = False):
     # A safety margin: past Dynamo's default limit of 8 graphs per function a new shape would run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     options = _inductor_options() | ({"cpp_wrapper": True} if cpp_wrapper else {})
-    return torch.compile(fn, dynamic=True, options=options)
+    return _skipping_guards_when_asked(torch.compile(fn, dynamic=True, options=options))
+
+
+_skip_guards = False
+"""Set inside `skipping_guards()`: the compiled layers' calls then check only the guards that tell their graphs apart."""
+
+
+@contextlib.contextmanager
+def skipping_guards():
+    """Around training steps after warm-up (train.compile_skip_guards_after): each compiled layer's call checks only
+    the guards that pick between its cached graphs (torch.compiler.set_stance's skip_guard_eval_unsafe). Scoped to
+    the layers compiled here: other compiled code (the fused kernels outside a layer, Megatron's own fused
+    functions) keeps every guard, and so its right to compile a new size."""
+    global _skip_guards
+    before, _skip_guards = _skip_guards, True
+    try:
+        yield
+    finally:
+        _skip_guards = before
+
+
+def _skipping_guards_when_asked(compiled):
+    def call(*args, **kwargs):
+        if not _skip_guards:
+            return compiled(*args, **kwargs)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return compiled(*args, **kwargs)
+        except RuntimeError as e:
+            # no cached graph fits (a size outside every range compiled so far): Dynamo refuses to compile under
+            # this stance, and says so before the frame runs, so the call is made again with every guard
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def compile_language_layers(language_model, cpp_wrapper: bool = False) -> int:
