@@ -722,7 +722,10 @@ def _run_shards(
                 if bar:
                     bar.update(0 if part.get("claimed_elsewhere") else 1)
             for i in elsewhere:  # wait until the run holding it finishes it (or dies: the kernel drops its lock)
-                fd = os.open(parts_dir / f"{i:06d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fd = os.open(parts_dir / f"{i:06d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                except FileNotFoundError:  # .parts is gone: a concurrent run completed the split (manifest first)
+                    break
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH)
                 finally:

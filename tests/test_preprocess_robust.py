@@ -222,6 +222,22 @@ def test_concurrent_runs_on_one_folder_all_finish(demo_data, tmp_path):
     assert shard_hashes(split) == shard_hashes(tmp_path / "clean" / "geo3k" / "train")
 
 
+def test_waiting_on_a_shard_ends_when_a_concurrent_run_completed_the_split(tmp_path):
+    """A shard claimed by another run is waited on through its lock in `.parts`; a run that completes the split
+    writes the manifest, then removes `.parts`. A waiter that comes after both ends without error (it used to fail
+    opening the lock: No such file or directory)."""
+    from types import SimpleNamespace
+
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / pipeline.MANIFEST).write_text("{}")  # completed by a concurrent run, `.parts` already gone
+    cfg = SimpleNamespace(shards=SimpleNamespace(samples_per_shard=2), preprocess=SimpleNamespace(verify=False))
+    src = SimpleNamespace(num_rows=4, base_dir=tmp_path, rows=lambda a, b: [])
+    claimed = lambda cfg, tasks: iter([{"index": t.index, "claimed_elsewhere": True} for t in tasks])  # noqa: E731
+    assert pipeline._run_shards(cfg, src, out, [0, 1], False, "train", claimed) == 0
+    assert not (out / pipeline.PARTS).exists()
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
