@@ -224,8 +224,9 @@ class TrainConfig:
     compile_layers: bool = True
     """On GPUs, compile each decoder layer and each vision block whole (torch.compile; train/models/layer_compile.py):
     one graph per layer kind, shared by all layers, so Python stops launching the forward op by op. Applies with
-    recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's per-layer hooks,
-    where there are several processes, left eager around each); MoE layers compile their attention half only. Elsewhere layers stay eager."""
+    recompute none, on both backends (Megatron: tensor_parallel 1; FSDP: transformers' layers, FSDP's per-layer
+    hooks, where there are several processes, left eager around each); MoE layers compile their attention half
+    only. Elsewhere layers stay eager."""
     compile_cpp_wrapper: bool = False
     """With compile_layers: Inductor's C++ wrapper, so the code that launches each compiled layer's kernels is C++
     instead of Python (less host time per launch, where the GPU waits on the host); the first compile takes longer

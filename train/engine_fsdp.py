@@ -45,9 +45,8 @@ Collectives. FSDP all-gathers every layer's parameters in its forward, so all ra
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import types
 from pathlib import Path
 from typing import Any
@@ -268,8 +267,9 @@ def shard_model(model: torch.nn.Module, mesh, *, bf16: bool, reshard_after_forwa
     if not blocks:
         raise FSDPConfigError(f"{type(model).__name__} names no layers to shard (_no_split_modules is empty)")
     block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
-    for block in blocks if per_block else ():
-        fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
+    if per_block:
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
@@ -344,7 +344,6 @@ class FSDPEngine(Engine):
         self.model = model
         self.inner = model
 
-        self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
         # Per-layer compile (train/models/layer_compile.py), as under Megatron, with transformers' layers. After
         # fully_shard, which (with several processes) swaps each layer's class for an FSDP subclass: the compiled
         # function is the forward that class runs. Only the layer's forward is replaced (an instance attribute), so

@@ -201,7 +201,6 @@ class MegatronEngine(Engine):
             full = full_megatron_state(init_from)
             load_megatron_state(model, shard_for_rank(full, hf_config, tp_rank=world.tp_rank, tp_size=world.tp, ep_rank=world.ep_rank, ep_size=world.ep))
             del full
-        self.compiled_layers = (0, 0)  # (decoder layers, vision blocks) running as compiled graphs
         self.fused_wgrad_layers = 0  # linear and norm layers whose weight gradients go straight into main_grad
         # Whole-layer compile (train/models/layer_compile.py) where it was measured: one model replica per GPU
         # (tensor-parallel collectives and recomputation's checkpoint function untested compiled).

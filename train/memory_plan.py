@@ -132,14 +132,16 @@ def plan(hf_config, tc, world_size: int, image_token_fraction: float = 0.85) -> 
     notes = []
     if tc.backend == "fsdp":
         held = c.total / world_size
-        weights = 4 * held + 2 * (2 * c.largest_block + c.root)
-        grads, optimizer = 4 * held, 8 * held
-        if world_size == 1:  # one process keeps the model gathered in bf16 and holds a micro-batch's bf16 gradients
-            weights, grads = 4 * held + 2 * c.total, 4 * held + 2 * c.total
+        # bf16 copies beside the fp32 shards: several processes gather a layer or two at a time; one process keeps
+        # the whole model gathered (one FSDP group) and a micro-batch's bf16 gradients until its backward ends
+        one = world_size == 1
+        weights = 4 * held + 2 * (c.total if one else 2 * c.largest_block + c.root)
+        grads, optimizer = 4 * held + (2 * c.total if one else 0), 8 * held
+        layout = f"FSDP over {world_size} GPU(s), {'bf16' if tc.bf16 else 'fp32'}"
+        if one:
             notes.append(f"the step's gradient reduction copies the float32 gradients once: +{8 * c.total / GIB:.1f} "
                          "GiB for a moment, after the activations are freed")
-        layout = f"FSDP over {world_size} GPU(s), {'bf16' if tc.bf16 else 'fp32'}"
-        if world_size > 1:
+        else:
             notes.append(f"eval gathers the whole model: +{2 * c.total / GIB:.1f} GiB of bf16 weights while it runs")
     else:
         dense = c.vision + c.norms + (c.vocab + c.split) / tp
