@@ -19,7 +19,8 @@
 #   moe         the 30B-A3B preset cut to 4 layers, `geo3k train`: grouped experts, one GEMM pair per expert, grouped at
 #               3,072 tokens a micro-batch (the bf16 noise floor), FSDP (SKIP_FSDP=1 leaves it out)
 #   dense       2B, `geo3k train` 20 steps on the demo shards (speed, MFU, compiles per step), again 4 on warm caches
-#               ($DENSE_SET: more --set arguments for both runs; DENSE_RERUN=0 leaves the second out)
+#               ($DENSE_SET: more --set arguments for both runs; DENSE_RERUN=0 leaves the second out; $DENSE_LIMIT:
+#               seconds for the 20-step run, default 200)
 #   eval        bench_eval.py: Qwen3-VL-2B (random init) on 601 real-diagram problems, loss + 64-token answers, KV-cached
 #               and uncached; then `geo3k eval` of a tiny checkpoint on the GPU
 #   twogpu      (2 GPUs) one random 2B checkpoint, Geo3K-like shards: 1 GPU compiled and eager, DP=2, TP=2, TP=2 + SP,
@@ -154,7 +155,7 @@ for part in "$@"; do
   dense)
     rm -rf $W/dense-* $W/compile-cache
     ( export TORCHINDUCTOR_CACHE_DIR=$W/compile-cache
-      train dense-qwen3-vl-2b 200 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20 ${DENSE_SET:-}
+      train dense-qwen3-vl-2b ${DENSE_LIMIT:-200} --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=20 ${DENSE_SET:-}
       [ "${DENSE_RERUN:-1}" = 0 ] || train dense-qwen3-vl-2b-rerun 120 --set model.name_or_path=qwen3-vl-2b --set train.random_init=true --set train.train_iters=4 ${DENSE_SET:-} )
     $PY bench/compare_runs.py $W dense-qwen3-vl-2b $([ "${DENSE_RERUN:-1}" = 0 ] || echo dense-qwen3-vl-2b-rerun) | tee "$OUT/dense-compare.md"
     ;;
