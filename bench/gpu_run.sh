@@ -12,7 +12,7 @@
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B: the first one
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones;
 #               $THROUGHPUT_LIMIT: seconds after which no new variant starts, default 330; $THROUGHPUT_GRACE: seconds
-#               the last one may take past it, default 90)
+#               the last one may take past it, default 90; WARM_FROM_DENSE=1: the compile cache the dense part left)
 #   validate    validate_megatron_gpu.py: Megatron against transformers in fp32, bf16, bf16 with compiled layers
 #               ($VALIDATE_VARIANTS: another list, $VALIDATE_LIMIT: seconds)
 #   resume      tiny dense and MoE models, 4 steps saving at 2, then resumed at 2: steps 3-4 repeat the losses
@@ -120,7 +120,7 @@ for part in "$@"; do
     echo "== wgrad rc=$?"; cat "$OUT/wgrad.md"; grep -E "Error|error" "$OUT/wgrad.log" | tail -5
     ;;
   throughput)
-    TORCH_LOGS=recompiles timeout $((${THROUGHPUT_LIMIT:-330} + ${THROUGHPUT_GRACE:-90})) $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 \
+    env ${WARM_FROM_DENSE:+TORCHINDUCTOR_CACHE_DIR=$W/compile-cache} TORCH_LOGS=recompiles timeout $((${THROUGHPUT_LIMIT:-330} + ${THROUGHPUT_GRACE:-90})) $PY bench/bench_throughput.py --shards $LIKE --steps 8 --warmup 4 \
       --presets ${PRESETS:-qwen3-vl-2b,qwen3-vl-4b} --variants ${BASE_VARIANTS:-megatron fsdp transformers} ${VARIANTS:-} \
       ${PROFILE:+--profile} --time-limit-s ${THROUGHPUT_LIMIT:-330} \
       --out "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
