@@ -1,6 +1,7 @@
 """Packed attention kernels on a GPU at Qwen3-VL-2B's shapes: FlashAttention-2 (torch's varlen_attn and aten's op,
-the `torch_varlen` and `aten_flash` backends), FlashAttention-4 (`fa4`) and, as a candidate, FlexAttention with a
-document mask: forward + backward time and numerics against an fp32 reference.
+the `torch_varlen` and `aten_flash` backends), FlashAttention-4 (`fa4`), cuDNN through its frontend
+(`cudnn_frontend`) and, as a candidate, FlexAttention with a document mask: forward + backward time and numerics
+against an fp32 reference.
 
     python3 bench/gpu_attention.py [--reps 20]
 
@@ -11,6 +12,9 @@ against the same attention in fp32 (the exact per-segment backend), as a fractio
 magnitude; the two backends should sit at the same bf16 floor. FlashAttention-4 compiles its kernels on first use
 (per head size, causality and a few sequence-length classes): the first call's time is printed, and a sweep over
 other segment lengths compiles the rest, into its on-disk cache where FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1.
+cuDNN builds a graph per bucketed shape (train/models/cudnn_attention.py): a second part checks it where the
+training steps differ from the table's cases (q/k/v split from one projection, empty bucket segments, a compiled
+caller) and counts the graphs a run of micro-batch shapes builds, and what they cost.
 """
 
 from __future__ import annotations
@@ -112,14 +116,14 @@ def case_name(case):
     return next(k for k, v in CASES.items() if v is case)
 
 
-def compiled_equals_eager(device) -> float:
-    """The fa4 op inside a compiled function with dynamic lengths, as the compiled layers call it: the largest
+def compiled_equals_eager(device, backend="fa4") -> float:
+    """The backend's op inside a compiled function with dynamic lengths, as the compiled layers call it: the largest
     difference from the eager call over the output and gradients (the same kernels: 0)."""
     case = CASES["language (16/8 x 128, causal)"]
     H, Hkv, D = case["heads"], case["kv"], case["dim"]
 
     def attend(q, k, v, cu, longest):
-        return varlen_attention(q, k, v, cu, longest, causal=True, backend="fa4")
+        return varlen_attention(q, k, v, cu, longest, causal=True, backend=backend)
 
     compiled, worst = torch.compile(attend, dynamic=True, fullgraph=True), 0.0
     for lens in ([300, 280, 350], [512, 100, 90, 700], [64, 128]):
@@ -147,7 +151,15 @@ def main() -> None:
             import flash_attn.cute.interface  # noqa: F401
         except Exception as e:  # why it is missing, for the log
             print(f"fa4 unavailable: {type(e).__name__}: {e}")
-    names = [b for b in ("torch_varlen", "aten_flash", "fa4") if b in available_backends(device, torch.bfloat16)] + ["flex"]
+    here = available_backends(device, torch.bfloat16)
+    if "cudnn_frontend" not in here:
+        try:
+            import cudnn
+
+            print(f"cudnn_frontend unavailable: cudnn {cudnn.__version__}, backend {cudnn.backend_version()}")
+        except Exception as e:
+            print(f"cudnn_frontend unavailable: {type(e).__name__}: {e}")
+    names = [b for b in ("torch_varlen", "aten_flash", "fa4", "cudnn_frontend") if b in here] + ["flex"]
     errors = {}
     print("| case | backend | fwd+bwd ms | TFLOP/s | max error vs fp32 | first call s |\n|---|---|---|---|---|---|")
     for case in CASES.values():
@@ -160,6 +172,11 @@ def main() -> None:
             print(f"| {r['case']} | {name} | {r['fwd+bwd ms']} | {r['TFLOP/s']} | {r['max error vs fp32']:.2e} | {r['first call s']} |")
             print(json.dumps(r), file=sys.stderr)
             errors[r["case"], name] = r["max error vs fp32"]
+    if "cudnn_frontend" in names:
+        try:
+            cudnn_checks(device)
+        except Exception as e:  # reported, and the FlashAttention-4 checks still run
+            print(f"cudnn_frontend checks failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if "fa4" not in names:
         return
     accurate = all(errors.get((c, "fa4"), 1.0) <= 2 * errors.get((c, "torch_varlen"), 0.0) + 1e-3 for c in CASES)
@@ -184,6 +201,48 @@ def sweep(device) -> None:
             torch.autograd.grad(out.float().square().sum(), leaves)
     torch.cuda.synchronize()
     print(f"fa4 sweep over 8 length classes x 2 cases: {time.perf_counter() - start:.1f} s")
+
+
+def cudnn_checks(device) -> None:
+    """cuDNN where training differs from the table: (1) the vision tower's layout (q, k, v split from one [T, 3, H, D]
+    projection, so strided by 3 x H x D per token) with a segment count that the bucket pads with empty segments, its
+    error against fp32 beside FlashAttention-2's on the same data; (2) a compiled caller against the eager one;
+    (3) the graphs that 40 micro-batch shapes drawn like the benchmark's build, and their cost."""
+    from train.models import cudnn_attention
+
+    case = CASES["vision (16 x 64, non-causal)"]
+    H, D = case["heads"], case["dim"]
+    for lens in (case["lens"][:3], case["lens"] + [256, 4000, 17]):
+        T = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        torch.manual_seed(T)
+        qkv, grad = torch.randn(T, 3, H, D, device=device), torch.randn(T, H, D, device=device)
+        got = {}
+        for name, dtype in (("sdpa", torch.float32), ("aten_flash", torch.bfloat16), ("cudnn_frontend", torch.bfloat16)):
+            leaf = qkv.to(dtype).requires_grad_()
+            q, k, v = leaf.unbind(1)
+            out = varlen_attention(q, k, v, cu, max(lens), causal=False, backend=name)
+            got[name] = (out, *torch.autograd.grad(out, leaf, grad.to(dtype)))
+        ref = got.pop("sdpa")
+        errs = {n: max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, ref)) for n, g in got.items()}
+        print(f"cudnn_frontend, vision layout (q/k/v views of one projection), {len(lens)} segments (bucket "
+              f"{cudnn_attention.padded_segments(len(lens))}), longest {max(lens)}: max error vs fp32 "
+              f"{errs['cudnn_frontend']:.2e}, aten_flash's {errs['aten_flash']:.2e}")
+    print(f"cudnn_frontend compiled vs eager, largest difference: {compiled_equals_eager(device, 'cudnn_frontend'):.3g}")
+    built, seconds = cudnn_attention.BUILDS["count"], cudnn_attention.BUILDS["seconds"]
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(40):  # a micro-batch: 3-14 images of 100-3,600 patches, as the Geo3K-like shards' diagrams
+        n = int(torch.randint(3, 15, (1,), generator=gen))
+        lens = torch.randint(100, 3600, (n,), generator=gen).tolist()
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        leaves = [torch.randn(sum(lens), H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        out = varlen_attention(*leaves, cu, max(lens), causal=False, backend="cudnn_frontend")
+        torch.autograd.grad(out.float().square().sum(), leaves)
+    torch.cuda.synchronize()
+    print(f"cudnn_frontend: 40 vision micro-batch shapes in {time.perf_counter() - start:.1f} s built "
+          f"{cudnn_attention.BUILDS['count'] - built} graphs ({cudnn_attention.BUILDS['seconds'] - seconds:.1f} s); "
+          f"{cudnn_attention.BUILDS['count']} graphs in all, {cudnn_attention.BUILDS['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

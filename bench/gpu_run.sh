@@ -6,8 +6,10 @@
 #   bash bench/gpu_run.sh prepare-fa4          # here, online: FlashAttention-4 and its CuTe DSL for cp312 as one
 #                                              # archive, .fa4/fa4-site.tar.xz (~55 MB): carried alone, it unpacks
 #                                              # to /tmp/fa4site there, which later calls on the same machine use
+#   bash bench/gpu_run.sh prepare-cudnn        # here, online: the cudnn-frontend wheel into .cudnnfe (12 MB; carry it
+#                                              # with .gpuwheels and the .cache/gpu folders a call reads)
 # Parts, any subset in any order (NO_WHEELS=1 PYTHON=.venv/bin/python runs them here on CPU, for the plumbing):
-#   attention   gpu_attention.py: FlashAttention-2 (two ways), FlashAttention-4, FlexAttention at the 2B model's shapes
+#   attention   gpu_attention.py: FlashAttention-2 (two ways), FlashAttention-4, cuDNN, FlexAttention at the 2B model's shapes
 #   wgrad       gpu_wgrad.py: weight gradients into the fp32 main_grad, fused (one GEMM) against a GEMM + accumulation
 #   throughput  bench_throughput.py, 512 Geo3K-like samples: 2B Megatron, FSDP, padded transformers (+$VARIANTS); 4B: the first one
 #               ($PRESETS and $BASE_VARIANTS replace the presets and the first variants; PROFILE=1 profiles the 2B ones;
@@ -48,6 +50,18 @@ json.dump(c, open(p, 'w'), indent=2)"
   exit 0
 fi
 
+if [ "${1:-}" = prepare-cudnn ]; then
+  # NVIDIA's cudnn-frontend (the cudnn_frontend attention backend): one wheel, 12 MB; it loads the cuDNN library that
+  # torch's nvidia-cudnn package installed on the GPU machine
+  PY=${PYTHON:-.venv/bin/python}
+  rm -rf .cudnnfe && mkdir -p .cudnnfe
+  $PY -m pip download -q -d .cudnnfe --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    "$($PY -c 'from train.models.cudnn_attention import FRONTEND; print(FRONTEND)')" || exit 1
+  ls -la .cudnnfe
+  exit 0
+fi
+
 if [ "${1:-}" = prepare-fa4 ]; then
   # flash-attn-4 and what it imports, unpacked as pip would, less what these kernels never load (other CPUs'
   # stubs, a profiler, C++ sources, prebuilt addons for torch <= 2.9); one solid xz with the x86 filter, because
@@ -81,6 +95,11 @@ if [ -f .fa4/fa4-site.tar.xz ] && [ ! -d $FA4/flash_attn ]; then
   mkdir -p $FA4 && $PY -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" .fa4/fa4-site.tar.xz $FA4 || rm -rf $FA4
   for w in .fa4/*.whl; do [ -f "$w" ] && $PY -m zipfile -e "$w" $FA4; done  # wheels added beside the archive
 fi
+# cudnn-frontend (the cudnn_frontend backend), from its carried wheel: bash bench/gpu_run.sh prepare-cudnn here.
+if ls .cudnnfe/*.whl >/dev/null 2>&1 && [ ! -d /tmp/cudnnfe/cudnn ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cudnnfe .cudnnfe/*.whl || rm -rf /tmp/cudnnfe
+fi
+[ -d /tmp/cudnnfe/cudnn ] && export PYTHONPATH=$PYTHONPATH:/tmp/cudnnfe
 # The attention part checks it against FlashAttention-2 first; the other parts use it only once that check passed.
 FA4_PATH=$FA4:$FA4/nvidia_cutlass_dsl/dsl_packages
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-jit

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
         ("train.eval_samples=some", "train.eval_samples"),
         ("train.eval_samples=-1", "train.eval_samples"),
         ("train.attention_backend=cudnn", "train.attention_backend"),
+        ("train.vision_attention_backend=flash", "train.vision_attention_backend"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

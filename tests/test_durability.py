@@ -414,6 +414,10 @@ def test_the_error_cases_are_one_line_each(base_run, demo_shards, tmp_path):
     refused("train.tensor_parallel=2", args=("--set", "train.tensor_parallel=2"),
             env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
 
+    # an attention kernel this machine cannot run (cuDNN's on a CPU), named for the vision tower alone
+    refused("train.vision_attention_backend: cudnn_frontend cannot run float32 tensors on cpu", "auto",
+            args=("--set", "train.vision_attention_backend=cudnn_frontend"))
+
     # export: a bad --dtype is refused before the checkpoint is read
     for dtype in ("int8", "bf16"):
         code, _, err = cli("export", str(tmp_path / "no-such-run"), "--out", str(tmp_path / "hf"), "--dtype", dtype)

@@ -51,7 +51,7 @@ def test_backend_choice_on_cpu():
             set_backend("flash_attn", torch.device("cpu"), torch.float32)
         assert select_backend(torch.device("cpu"), torch.float32) == "sdpa"  # the refused choice left no trace
         with pytest.raises(ConfigError, match="unknown"):
-            set_backend("cudnn")
+            set_backend("cudnn")  # removed: aten's cuDNN varlen op gave wrong output on torch 2.11
         set_backend("flash_attn")  # no device given: refused at the call instead
         with pytest.raises(ConfigError, match="train.attention_backend: flash_attn cannot run"):
             select_backend(torch.device("cpu"), torch.float32)
@@ -220,3 +220,140 @@ def test_aten_flash_backend_calls_the_op_as_flash_attention_expects(monkeypatch)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
     assert "aten_flash" not in available_backends(torch.device("cpu"), torch.bfloat16)
+
+
+def _cudnn_standin(monkeypatch):
+    """cuDNN's varlen pair with the backend's calling convention: the log-sum-exp in the padded [B, Hq, S, 1] fp32
+    layout of the bucketed segment count and length, read back through the segment lengths and offsets the graphs
+    get (cudnn_attention.segment_metadata); computed with a block mask on CPU."""
+    from train.models import cudnn_attention as ca
+
+    def segments(cu, max_seqlen, stats_shape=None):
+        B, S = ca.padded_segments(cu.numel() - 1), ca.padded_length(max_seqlen)
+        assert stats_shape is None or tuple(stats_shape) == (B, stats_shape[1], S, 1)
+        lengths, offsets = ca.segment_metadata(cu, B, (1,))
+        starts = offsets[1].flatten()
+        assert (lengths.flatten()[cu.numel() - 1:] == 0).all() and (starts[cu.numel() - 1:] == cu[-1]).all()
+        return B, S, [(int(a), int(n)) for a, n in zip(starts[:-1], lengths.flatten())]
+
+    def forward(q, k, v, cu, max_seqlen, causal, scale):
+        assert max_seqlen == int((cu[1:] - cu[:-1]).max()), "the kernels get the longest segment"
+        B, S, spans = segments(cu, max_seqlen)
+        s = _packed_scores(q, k, cu, causal, scale).float()
+        lse = s.logsumexp(-1)
+        stats = torch.full((B, q.shape[1], S, 1), float("nan"))  # rows past a segment's length: never read
+        for b, (start, n) in enumerate(spans):
+            stats[b, :, :n, 0] = lse[:, start:start + n]
+        p = (s - lse[..., None]).exp().to(q.dtype)
+        return torch.einsum("hts,shd->thd", p, _expand_kv(v, q.shape[1])), stats
+
+    def backward(g, q, k, v, out, stats, cu, max_seqlen, causal, scale):
+        assert stats.dtype == torch.float32
+        _, _, spans = segments(cu, max_seqlen, stats.shape)
+        lse = torch.cat([stats[b, :, :n, 0] for b, (_, n) in enumerate(spans)], dim=1)
+        p = (_packed_scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
+        ve = _expand_kv(v, q.shape[1])
+        ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
+        dk = torch.einsum("hts,thd->shd", ds, q) * scale
+        dv = torch.einsum("hts,thd->shd", p, g)
+        rep = q.shape[1] // k.shape[1]
+        group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
+        return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
+
+    monkeypatch.setitem(ca._KERNELS, "forward", forward)
+    monkeypatch.setitem(ca._KERNELS, "backward", backward)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cudnn_frontend_backend_wiring_equals_sdpa(monkeypatch, compiled):
+    """The cudnn_frontend backend's custom ops (autograd, the padded log-sum-exp between forward and backward with
+    the fake functions' bucketed shapes, grouped kv heads, q/k/v as views of one tensor, a compiled caller with
+    dynamic lengths) around a stand-in kernel, against the exact per-segment backend. cuDNN's graphs run on GPUs
+    only: bench/gpu_attention.py checks them against an fp32 reference there."""
+    _cudnn_standin(monkeypatch)
+    torch._dynamo.reset()
+
+    def attend(q, k, v, cu, max_len, causal, backend):
+        return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
+
+    run = torch.compile(attend, dynamic=True, fullgraph=True) if compiled else attend
+    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8, 2, 3, 1, 5, 2, 9], True, 1)]:
+        torch.manual_seed(len(lens))
+        T, H, D = sum(lens), 4, 8
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)
+        results = []
+        for backend, fn in (("sdpa", attend), ("cudnn_frontend", run)):
+            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
+            out = fn(q, k, v, cu, max(lens), causal, backend)
+            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
+            results.append((out, grad))
+        (ref, ref_grad), (got, got_grad) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_cudnn_segment_metadata_and_buckets():
+    """Segments described to cuDNN: int32 lengths and int64 element offsets per token stride, empty segments at the
+    end up to the bucketed count; the buckets round up and never down; the cache returns one tensor's metadata
+    again and recomputes it once the tensor changes in place."""
+    from train.models import cudnn_attention as ca
+
+    assert [ca.padded_segments(n) for n in (1, 8, 9)] == [8, 8, 16]
+    assert [ca.padded_length(s) for s in (1, 256, 257)] == [256, 256, 512]
+    assert [ca.padded_total(t) for t in (1, 2048, 2049)] == [2048, 2048, 4096]
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
+    lengths, offsets = ca.segment_metadata(cu, 5, (48, 16, 48))
+    assert lengths.dtype == torch.int32 and lengths.shape == (5, 1, 1, 1)
+    assert lengths.flatten().tolist() == [3, 0, 7, 0, 0]
+    assert sorted(offsets) == [16, 48] and offsets[16].dtype == torch.int64 and offsets[16].shape == (6, 1, 1, 1)
+    assert offsets[48].flatten().tolist() == [0, 144, 144, 480, 480, 480]
+
+    cache = ca._MetadataCache(size=2)
+    first = cache.get(cu, 8, (16,))
+    assert cache.get(cu, 8, (16,)) is first  # the 24 blocks of a micro-batch compute it once
+    cu[2] = 4  # changed in place: the version counter moved
+    assert cache.get(cu, 8, (16,))[0].flatten().tolist()[:3] == [3, 1, 6]
+    for n in range(3):  # bounded: the oldest entries go
+        cache.get(torch.tensor([0, n + 1], dtype=torch.int32), 8, (16,))
+    assert len(cache.entries) == 2
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert cache.get(frozen, 8, (1,))[0].flatten().tolist()[:3] == [2, 3, 0]  # no version counter: not cached
+
+
+def test_cudnn_frontend_is_not_offered_where_it_cannot_run():
+    """Not installed (as here) or not a Hopper-or-newer GPU: auto never picks cudnn_frontend, naming it is refused."""
+    from shared.config import ConfigError
+    from train.models.attention import set_backend
+
+    assert "cudnn_frontend" not in available_backends(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="train.attention_backend: cudnn_frontend cannot run bfloat16 tensors on cpu"):
+        set_backend("cudnn_frontend", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="train.vision_attention_backend: cudnn_frontend cannot run"):
+        set_backend("auto", torch.device("cpu"), torch.bfloat16, vision="cudnn_frontend")
+
+
+def test_vision_backend_takes_the_non_causal_calls(monkeypatch):
+    """train.vision_attention_backend: the non-causal (vision tower's) calls go to its backend, the causal ones keep
+    train.attention_backend's; "same" follows train.attention_backend, "auto" picks the fastest for vision alone."""
+    from shared.config import ConfigError
+    from train.models import attention
+
+    monkeypatch.setattr(attention, "available_backends", lambda device, dtype: ["aten_flash", "cudnn_frontend", "sdpa"])
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    try:
+        attention.set_backend("auto", cuda, bf16, vision="cudnn_frontend")
+        assert (attention.select_backend(cuda, bf16, causal=True), attention.select_backend(cuda, bf16, causal=False)) \
+            == ("aten_flash", "cudnn_frontend")
+        attention.set_backend("sdpa", cuda, bf16)  # vision: same
+        assert attention.select_backend(cuda, bf16, causal=False) == "sdpa"
+        attention.set_backend("sdpa", cuda, bf16, vision="auto")
+        assert (attention.select_backend(cuda, bf16, causal=True), attention.select_backend(cuda, bf16, causal=False)) \
+            == ("sdpa", "aten_flash")
+        with pytest.raises(ConfigError, match="train.vision_attention_backend: 'cudnn' is unknown; write same, auto"):
+            attention.set_backend("auto", vision="cudnn")
+    finally:
+        attention.set_backend("auto")
+    assert attention.select_backend(cuda, bf16, causal=False) == "aten_flash"

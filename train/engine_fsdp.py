@@ -292,7 +292,8 @@ class FSDPEngine(Engine):
         self.bf16 = cfg.bf16 and self.cuda
         from train.models import attention
 
-        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if self.bf16 else torch.float32)
+        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if self.bf16 else torch.float32,
+                              vision=cfg.vision_attention_backend)
         # Every rank builds the model on the meta device (no memory) and shards it; rank 0 alone holds the whole
         # model on the host (random, seeded, or the checkpoint) and broadcasts each rank its shards. Host memory is
         # one model on rank 0, not one per rank (30B-A3B: 122 GB in fp32 once, instead of ~1 TB on 8 ranks).

@@ -175,7 +175,8 @@ class MegatronEngine(Engine):
         )
         from train.models import attention, fused
 
-        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if bf16 else torch.float32)
+        attention.set_backend(cfg.attention_backend, world.device, torch.bfloat16 if bf16 else torch.float32,
+                              vision=cfg.vision_attention_backend)
         # torch.compile'd norm/RoPE (ours) and SwiGLU (Megatron's bias_activation_fusion, plain torch) on GPUs;
         # the CPU path stays eager and exact (and needs no compiler).
         use_fused = cfg.fused_kernels and self.cuda

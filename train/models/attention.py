@@ -18,6 +18,10 @@ Backends, picked per call by what is available (`select_backend`), unless `train
   the compiled 2B step ran 5% faster than through `varlen_attn`, with the same losses (BENCHMARKS.md).
 - ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA, fp16/bf16). PyTorch
   2.10/2.11 have no `is_causal` argument; `window_size=(-1, 0)` is its causal mask (checked equal to SDPA).
+- ``cudnn_frontend``: cuDNN's fused attention kernels through NVIDIA's cudnn-frontend Python package
+  (`nvidia-cudnn-frontend`, train/models/cudnn_attention.py) on Hopper and newer (fp16/bf16), as custom ops of
+  ours; grouped kv heads natively. Never auto's pick: name it to use it. The candidate for the vision tower, where
+  FlashAttention-2 runs head size 64 at ~180 TFLOP/s on an H200 (docs/performance.md, "Attention").
 - ``sdpa``: exact fallback for CPU and fp32: one `scaled_dot_product_attention` call per segment. It is
   a Python loop, so it is meant for tests and small runs, not for GPU throughput.
 
@@ -40,13 +44,15 @@ import torch
 import torch.nn.functional as F
 
 from shared.config import ConfigError
-from train.models import fused
+from train.models import cudnn_attention, fused
 
-BACKENDS = ("fa4", "flash_attn", "aten_flash", "torch_varlen", "sdpa")
+BACKENDS = ("fa4", "flash_attn", "aten_flash", "torch_varlen", "cudnn_frontend", "sdpa")
 
 # One backend for every call (train.attention_backend), to compare kernels or to work around a broken one;
-# None picks the fastest available per call.
+# None picks the fastest available per call. `_forced_vision` (train.vision_attention_backend), where set, takes
+# the non-causal calls instead: the vision tower's, whose shapes favour other kernels than the language model's.
 _forced: str | None = None
+_forced_vision: str | None = None
 
 
 @functools.cache
@@ -100,36 +106,49 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
             names.append("torch_varlen")
         if _fa4_runs_on(device):  # after FlashAttention-2: slower on the 2B model's vision shapes (BENCHMARKS.md)
             names.append("fa4")
+        if cudnn_attention.runs_on(device):  # opt-in until measured against FlashAttention-2 on these shapes
+            names.append("cudnn_frontend")
     names.append("sdpa")
     return names
 
 
-def set_backend(name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-    """Use backend `name` for every call from now on, or "auto" for the fastest available (train.attention_backend).
+def set_backend(name: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                vision: str = "same") -> None:
+    """Use backend `name` for every call from now on, or "auto" for the fastest available (train.attention_backend);
+    `vision`, unless "same", for the non-causal calls, the vision tower's (train.vision_attention_backend).
     Given the device and dtype the model runs in, a backend that cannot run them is refused here, not at the first
     forward. Call it before layers are compiled: a compiled graph keeps the backend it was traced with."""
-    global _forced
-    if name != "auto" and name not in BACKENDS:
-        raise ConfigError(f"train.attention_backend: {name!r} is unknown; write auto or one of {', '.join(BACKENDS)}")
-    forced = None if name == "auto" else name
+    global _forced, _forced_vision
+    chosen = {}
+    for field, value in (("attention_backend", name), ("vision_attention_backend", vision)):
+        if value == "same" and field == "vision_attention_backend":
+            chosen[field] = None
+            continue
+        if value != "auto" and value not in BACKENDS:
+            extra = "same, " if field == "vision_attention_backend" else ""
+            raise ConfigError(f"train.{field}: {value!r} is unknown; write {extra}auto or one of {', '.join(BACKENDS)}")
+        chosen[field] = value
     if device is not None and dtype is not None:
         names = available_backends(device, dtype)  # loads an installed FlashAttention-4 now, not in a layer's tracing
-        if forced and forced not in names:
-            raise _unavailable(forced, device, dtype)
-    _forced = forced
+        for field, value in chosen.items():
+            if value not in (None, "auto") and value not in names:
+                raise _unavailable(value, device, dtype, field)
+    _forced = None if chosen["attention_backend"] == "auto" else chosen["attention_backend"]
+    _forced_vision = chosen["vision_attention_backend"]  # None: as _forced; "auto": the fastest, whatever _forced
 
 
-def _unavailable(name: str, device: torch.device, dtype: torch.dtype) -> ConfigError:
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype, field: str = "attention_backend") -> ConfigError:
     return ConfigError(
-        f"train.attention_backend: {name} cannot run {str(dtype).removeprefix('torch.')} tensors on {device.type}; "
+        f"train.{field}: {name} cannot run {str(dtype).removeprefix('torch.')} tensors on {device.type}; "
         f"available here: {', '.join(available_backends(device, dtype))}. Set it to auto to pick automatically."
     )
 
 
-def select_backend(device: torch.device, dtype: torch.dtype) -> str:
-    # `_forced` is read here, in traced code, so that a compiled graph guards on it: a graph traced with one
-    # backend is not reused after set_backend names another (as a benchmark's next variant does in one process).
-    return _select_backend(device, dtype, _forced)
+def select_backend(device: torch.device, dtype: torch.dtype, causal: bool = True) -> str:
+    # The forced names are read here, in traced code, so that a compiled graph guards on them: a graph traced with
+    # one backend is not reused after set_backend names another (as a benchmark's next variant does in one process).
+    forced = _forced if causal or _forced_vision is None else _forced_vision
+    return _select_backend(device, dtype, None if forced == "auto" else forced)
 
 
 # Evaluated once when a compiled layer is traced (the result is a constant of the graph): it imports
@@ -164,7 +183,7 @@ def varlen_attention(
     assert q.shape[1] % k.shape[1] == 0, "query heads must be a multiple of key/value heads"
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    backend = backend or select_backend(q.device, q.dtype)
+    backend = backend or select_backend(q.device, q.dtype, causal)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_seqlen = int(max_seqlen)
     if backend == "flash_attn":
@@ -178,6 +197,8 @@ def varlen_attention(
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "aten_flash":
         return _aten_flash_attention(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if backend == "cudnn_frontend":
+        return cudnn_attention.cudnn_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "sdpa":
         return _sdpa_loop(q, k, v, cu_seqlens, causal, softmax_scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
