@@ -122,6 +122,18 @@ def _packed_scores(q, k, cu, causal, scale):
     return s.masked_fill(~_block_mask((cu[1:] - cu[:-1]).tolist(), causal), float("-inf"))
 
 
+def _reference_backward(g, q, k, v, out, lse, cu, causal, scale):
+    """Attention's gradients from the forward's log-sum-exp lse [Hq, T], as the flash kernels compute them."""
+    p = (_packed_scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
+    ve = _expand_kv(v, q.shape[1])
+    ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
+    dk = torch.einsum("hts,thd->shd", ds, q) * scale
+    dv = torch.einsum("hts,thd->shd", p, g)
+    rep = q.shape[1] // k.shape[1]
+    group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
+    return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
+
+
 def _fa4_standin(monkeypatch):
     """FlashAttention-4's varlen pair, with its calling convention (q [T, Hq, D], k/v [T, Hkv, D], the log-sum-exp
     [Hq, T] fp32), computed over the whole packed sequence with a block mask on CPU."""
@@ -137,14 +149,7 @@ def _fa4_standin(monkeypatch):
 
     def backward(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
         assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-        p = (_packed_scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
-        ve = _expand_kv(v, q.shape[1])
-        ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
-        dk = torch.einsum("hts,thd->shd", ds, q) * scale
-        dv = torch.einsum("hts,thd->shd", p, g)
-        rep = q.shape[1] // k.shape[1]
-        group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
-        return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
+        return _reference_backward(g, q, k, v, out, lse, cu, causal, scale)
 
     monkeypatch.setitem(attention._FA4_KERNELS, "forward", forward)
     monkeypatch.setitem(attention._FA4_KERNELS, "backward", backward)
@@ -251,14 +256,7 @@ def _cudnn_standin(monkeypatch):
         assert stats.dtype == torch.float32
         _, _, spans = segments(cu, max_seqlen, stats.shape)
         lse = torch.cat([stats[b, :, :n, 0] for b, (_, n) in enumerate(spans)], dim=1)
-        p = (_packed_scores(q, k, cu, causal, scale).float() - lse[..., None]).exp().to(q.dtype)
-        ve = _expand_kv(v, q.shape[1])
-        ds = p * (torch.einsum("thd,shd->hts", g, ve) - (g * out).sum(-1).transpose(0, 1)[..., None])
-        dk = torch.einsum("hts,thd->shd", ds, q) * scale
-        dv = torch.einsum("hts,thd->shd", p, g)
-        rep = q.shape[1] // k.shape[1]
-        group = lambda t: t.view(t.shape[0], k.shape[1], rep, t.shape[2]).sum(2)  # noqa: E731
-        return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
+        return _reference_backward(g, q, k, v, out, lse, cu, causal, scale)
 
     monkeypatch.setitem(ca._KERNELS, "forward", forward)
     monkeypatch.setitem(ca._KERNELS, "backward", backward)
