@@ -161,6 +161,12 @@ def test_a_compiled_graph_follows_the_forced_attention_backend(monkeypatch):
         torch.testing.assert_close(attend(q, cu), attention.varlen_attention(q, q, q, cu, 6, causal=True, backend="sdpa"))
         attention.set_backend("auto")
         assert attend(q, cu).abs().max() == 0  # auto picks the first available: the stand-in again
+        # the vision tower's (non-causal) calls follow train.vision_attention_backend the same way
+        see = torch.compile(lambda q, cu: attention.varlen_attention(q, q, q, cu, 6, causal=False), dynamic=True)
+        assert see(q, cu).abs().max() == 0
+        attention.set_backend("auto", vision="sdpa")
+        torch.testing.assert_close(see(q, cu), attention.varlen_attention(q, q, q, cu, 6, causal=False, backend="sdpa"))
+        assert attend(q, cu).abs().max() == 0  # the causal calls keep auto's pick
     finally:
         attention.set_backend("auto")
         torch._dynamo.reset()

@@ -17,8 +17,9 @@ How it stays cheap to compile and correct:
   (a DeprecationWarning) on every forward. Dynamo cannot trace `warnings.warn` and would split each layer
   in two there; inside compiled code it is replaced by a no-op below (eager code still warns).
 - The attention kernels are opaque custom ops to the compiler (`varlen_attn`); the backend is chosen once
-  when the graph is traced (attention.select_backend), and the graph guards on `train.attention_backend`, so
-  naming another backend later traces a new graph instead of reusing the old kernel.
+  when the graph is traced (attention.select_backend), and the graph guards on `train.attention_backend` and
+  `train.vision_attention_backend`, so naming another backend later traces a new graph instead of reusing the old
+  kernel.
 
 Applied on GPUs (`train.compile_layers`) by both engines, with no activation recomputation: the Megatron engine's
 `compile_layers` (dense layers whole, MoE layers' attention half, tensor-parallel size 1) and the FSDP engine's
