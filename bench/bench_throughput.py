@@ -114,11 +114,17 @@ def run_variant(r: Result, variant: str, hf_config, args, world, profile_to: Pat
         sync()
         return g.micro_batches, loss, time.perf_counter() - t0, t1 - t0
 
+    from train.models.cudnn_attention import BUILDS  # cuDNN graphs built per step: a timed step should build none
+
     try:
         with TrainingGC(tc.gc_interval if tc else 0) as collector:  # the baseline keeps Python's own collector
             for i in range(args.warmup + args.steps):
                 sync()
+                built = dict(BUILDS)
                 mbs, loss, step_s, data_s = step()
+                if BUILDS["count"] > built["count"]:
+                    print(f"  step {i + 1}{' (timed)' if i >= args.warmup else ''}: {BUILDS['count'] - built['count']} "
+                          f"cuDNN attention graphs built, {BUILDS['seconds'] - built['seconds']:.2f} s", flush=True)
                 r.losses.append(loss)
                 if i >= args.warmup:
                     r.step_s.append(step_s)

@@ -111,3 +111,15 @@ def test_export_loads_in_transformers_with_the_same_logits(full_run, demo_shards
         ours = model.eval()(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.pixel_values, mb.image_grid_thw)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_the_step_line_says_what_the_step_compiled():
+    """`geo3k train`'s step line names the graphs torch.compile and cuDNN built in that step (their time is in its
+    s/step), and says nothing of either in a step that built none."""
+    from train.metrics import MetricsLogger
+
+    v = dict(loss=2.5, lr=1e-5, grad_norm=0.5, tokens_per_s=20000.0, step_s=1.0, mfu=0.4)
+    quiet = MetricsLogger.line(5, 20, v, 60.0)
+    assert "compiled" not in quiet and "cuDNN" not in quiet and "MFU 40.0%" in quiet
+    busy = MetricsLogger.line(1, 20, {**v, "new_graphs": 4, "new_attention_graphs": 6}, 60.0)
+    assert "compiled 4 graphs" in busy and "built 6 cuDNN attention graphs" in busy

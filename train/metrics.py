@@ -125,6 +125,8 @@ class MetricsLogger:
         parts.append(f"{v['step_s']:.2f} s/step")
         if v.get("new_graphs"):  # torch.compile ran in this step (its time is in s/step)
             parts.append(f"compiled {v['new_graphs']} graphs")
+        if v.get("new_attention_graphs"):  # cuDNN built attention graphs in this step (also in s/step)
+            parts.append(f"built {v['new_attention_graphs']} cuDNN attention graphs")
         parts.append(f"ETA {_fmt_duration(eta_s)}")
         return " | ".join(parts)
 

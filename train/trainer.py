@@ -62,6 +62,7 @@ from train.engine import Engine, build_engine
 from train.flops import Peaks, StepFlops
 from train.gc_policy import TrainingGC
 from train.metrics import MetricsLogger, read_history
+from train.models.cudnn_attention import BUILDS as cudnn_builds
 from train.optim import lr_at
 
 
@@ -560,10 +561,12 @@ class Trainer:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 lr = lr_at(self.step, self.total_steps, tc)
-                graphs = dynamo_counters["stats"]["unique_graphs"]
+                graphs, attention_graphs = dynamo_counters["stats"]["unique_graphs"], cudnn_builds["count"]
                 out = self.engine.train_step(mbs, gstep.num_loss_tokens, lr)
-                # graphs torch.compile built in this step (compiled layers): step 1 compiles, later steps should not
+                # graphs torch.compile built in this step (compiled layers): step 1 compiles, later steps should not;
+                # likewise cuDNN's attention graphs (train.attention_backend=cudnn_frontend), one per bucketed shape
                 new_graphs = dynamo_counters["stats"]["unique_graphs"] - graphs
+                new_attention_graphs = cudnn_builds["count"] - attention_graphs
                 flops = self.flops.step(gstep.micro_batches)
                 stats = torch.tensor([float(out["loss_sum"]), flops], dtype=torch.float64)
                 if dist.is_initialized() and w.world_size > 1:
@@ -594,6 +597,7 @@ class Trainer:
                     "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                     "epoch": gstep.epoch,
                     "new_graphs": new_graphs or None,
+                    "new_attention_graphs": new_attention_graphs or None,
                     **{k: v for k, v in out.items() if k.startswith("moe_")},
                 }
                 self.logger.log("train", self.step, {k: v for k, v in last.items() if v is not None})
