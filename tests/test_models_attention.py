@@ -134,6 +134,30 @@ def _reference_backward(g, q, k, v, out, lse, cu, causal, scale):
     return torch.einsum("hts,shd->thd", ds, _expand_kv(k, q.shape[1])) * scale, group(dk), group(dv)
 
 
+def _attend(q, k, v, cu, max_len, causal, backend):
+    return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
+
+
+def _assert_equals_sdpa(backend, run, cases):
+    """`run(q, k, v, cu, longest, causal, backend)` (`_attend`, or it compiled) under `backend` against the exact
+    per-segment backend, output and gradients, over `cases` of (segment lengths, causal, kv heads) with 4 query
+    heads of 8 and q, k, v as views of one tensor, as Megatron's."""
+    for lens, causal, kv_heads in cases:
+        torch.manual_seed(len(lens))
+        T, H, D = sum(lens), 4, 8
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)
+        results = []
+        for name, fn in (("sdpa", _attend), (backend, run)):
+            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
+            out = fn(q, k, v, cu, max(lens), causal, name)
+            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
+            results.append((out, grad))
+        (ref, ref_grad), (got, got_grad) = results
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
 def _fa4_standin(monkeypatch):
     """FlashAttention-4's varlen pair, with its calling convention (q [T, Hq, D], k/v [T, Hkv, D], the log-sum-exp
     [Hq, T] fp32), computed over the whole packed sequence with a block mask on CPU."""
@@ -163,25 +187,8 @@ def test_fa4_backend_wiring_equals_sdpa(monkeypatch, compiled):
     bench/gpu_attention.py checks them against FlashAttention-2 there."""
     _fa4_standin(monkeypatch)
     torch._dynamo.reset()
-
-    def attend(q, k, v, cu, max_len, causal, backend):
-        return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
-
-    run = torch.compile(attend, dynamic=True, fullgraph=True) if compiled else attend
-    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)]:
-        torch.manual_seed(len(lens))
-        T, H, D = sum(lens), 4, 8
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)  # q, k, v as views of one tensor, as Megatron's
-        results = []
-        for backend, fn in (("sdpa", attend), ("fa4", run)):
-            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
-            out = fn(q, k, v, cu, max(lens), causal, backend)
-            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
-            results.append((out, grad))
-        (ref, ref_grad), (got, got_grad) = results
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    run = torch.compile(_attend, dynamic=True, fullgraph=True) if compiled else _attend
+    _assert_equals_sdpa("fa4", run, [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)])
     torch._dynamo.reset()
 
 
@@ -210,20 +217,7 @@ def test_aten_flash_backend_calls_the_op_as_flash_attention_expects(monkeypatch)
         return out, s.logsumexp(-1), torch.zeros(()), torch.zeros(()), torch.empty(0)
 
     monkeypatch.setitem(attention._ATEN_FLASH, "forward", op)
-    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)]:
-        torch.manual_seed(len(lens))
-        T, H, D = sum(lens), 4, 8
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)
-        results = []
-        for backend in ("sdpa", "aten_flash"):
-            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
-            out = varlen_attention(q, k, v, cu, max(lens), causal=causal, softmax_scale=0.3, backend=backend)
-            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
-            results.append((out, grad))
-        (ref, ref_grad), (got, got_grad) = results
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    _assert_equals_sdpa("aten_flash", _attend, [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8], True, 1)])
     assert "aten_flash" not in available_backends(torch.device("cpu"), torch.bfloat16)
 
 
@@ -270,25 +264,9 @@ def test_cudnn_frontend_backend_wiring_equals_sdpa(monkeypatch, compiled):
     only: bench/gpu_attention.py checks them against an fp32 reference there."""
     _cudnn_standin(monkeypatch)
     torch._dynamo.reset()
-
-    def attend(q, k, v, cu, max_len, causal, backend):
-        return varlen_attention(q, k, v, cu, max_len, causal=causal, softmax_scale=0.3, backend=backend)
-
-    run = torch.compile(attend, dynamic=True, fullgraph=True) if compiled else attend
-    for lens, causal, kv_heads in [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8, 2, 3, 1, 5, 2, 9], True, 1)]:
-        torch.manual_seed(len(lens))
-        T, H, D = sum(lens), 4, 8
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-        qkv = torch.randn(T, H + 2 * kv_heads, D, requires_grad=True)
-        results = []
-        for backend, fn in (("sdpa", attend), ("cudnn_frontend", run)):
-            q, k, v = qkv.split([H, kv_heads, kv_heads], dim=1)
-            out = fn(q, k, v, cu, max(lens), causal, backend)
-            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), qkv)
-            results.append((out, grad))
-        (ref, ref_grad), (got, got_grad) = results
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    run = torch.compile(_attend, dynamic=True, fullgraph=True) if compiled else _attend
+    _assert_equals_sdpa("cudnn_frontend", run,
+                        [([5, 11, 1, 7], True, 2), ([9, 3], False, 4), ([4, 6, 8, 2, 3, 1, 5, 2, 9], True, 1)])
     torch._dynamo.reset()
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from shared.config import ConfigError
 from train.models import cudnn_attention, fused
+from train.models.kernel_ops import register_varlen_autograd
 
 BACKENDS = ("fa4", "flash_attn", "aten_flash", "torch_varlen", "cudnn_frontend", "sdpa")
 
@@ -119,22 +120,17 @@ def set_backend(name: str, device: torch.device | None = None, dtype: torch.dtyp
     Given the device and dtype the model runs in, a backend that cannot run them is refused here, not at the first
     forward. Call it before layers are compiled: a compiled graph keeps the backend it was traced with."""
     global _forced, _forced_vision
-    chosen = {}
-    for field, value in (("attention_backend", name), ("vision_attention_backend", vision)):
-        if value == "same" and field == "vision_attention_backend":
-            chosen[field] = None
-            continue
-        if value != "auto" and value not in BACKENDS:
-            extra = "same, " if field == "vision_attention_backend" else ""
-            raise ConfigError(f"train.{field}: {value!r} is unknown; write {extra}auto or one of {', '.join(BACKENDS)}")
-        chosen[field] = value
+    settings = (("attention_backend", name, "auto"), ("vision_attention_backend", vision, "same, auto"))
+    for field, value, keywords in settings:
+        if value not in (*keywords.split(", "), *BACKENDS):
+            raise ConfigError(f"train.{field}: {value!r} is unknown; write {keywords} or one of {', '.join(BACKENDS)}")
     if device is not None and dtype is not None:
         names = available_backends(device, dtype)  # loads an installed FlashAttention-4 now, not in a layer's tracing
-        for field, value in chosen.items():
-            if value not in (None, "auto") and value not in names:
+        for field, value, keywords in settings:
+            if value in BACKENDS and value not in names:
                 raise _unavailable(value, device, dtype, field)
-    _forced = None if chosen["attention_backend"] == "auto" else chosen["attention_backend"]
-    _forced_vision = chosen["vision_attention_backend"]  # None: as _forced; "auto": the fastest, whatever _forced
+    _forced = None if name == "auto" else name
+    _forced_vision = None if vision == "same" else vision  # None: as _forced; "auto": the fastest, whatever _forced
 
 
 def _unavailable(name: str, device: torch.device, dtype: torch.dtype, field: str = "attention_backend") -> ConfigError:
@@ -305,19 +301,7 @@ def _(g, q, k, v, out, lse, cu, max_seqlen, causal, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _fa4_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
-
-
-def _fa4_grad(ctx, g, _g_lse):
-    q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = _fa4_bwd(g, q, k, v, out, lse, cu, ctx.max_seqlen, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-_fa4_fwd.register_autograd(_fa4_grad, setup_context=_fa4_setup)
+register_varlen_autograd(_fa4_fwd, _fa4_bwd)
 
 
 def fa4_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):

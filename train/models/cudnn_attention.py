@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from train.models.kernel_ops import register_varlen_autograd
+
 # The frontend release this was written against (the graph API's keyword names move between releases):
 # bench/gpu_run.sh prepare-cudnn downloads it.
 FRONTEND = "nvidia-cudnn-frontend==1.32.0"
@@ -192,6 +194,13 @@ def _mask(causal: bool) -> dict:
     return dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, **({"diagonal_band_right_bound": 0} if causal else {}))
 
 
+def _new_graph(dtype: torch.dtype, handle):
+    cudnn = frontend()
+    io = _io_type(dtype)
+    return cudnn.pygraph(handle=handle, io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
+                         compute_data_type=cudnn.data_type.FLOAT), io
+
+
 def _finish(g):
     cudnn = frontend()
     g.validate()
@@ -204,9 +213,7 @@ def _finish(g):
 
 def _forward_graph(q, k, v, B, S, causal, scale, handle):
     cudnn = frontend()
-    io = _io_type(q.dtype)
-    g = cudnn.pygraph(handle=handle, io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT)
+    g, io = _new_graph(q.dtype, handle)
     offsets = {uid: _offset_tensor(g, name, uid, B) for name, uid in
                (("off_q", _Uid.OFF_Q), ("off_k", _Uid.OFF_K), ("off_v", _Uid.OFF_V), ("off_o", _Uid.OFF_O))}
     tq = _describe(g, "q", _Uid.Q, q, B, S, io, offsets[_Uid.OFF_Q])
@@ -224,9 +231,7 @@ def _forward_graph(q, k, v, B, S, causal, scale, handle):
 
 def _backward_graph(q, k, v, o, B, S, total, causal, scale, handle):
     cudnn = frontend()
-    io = _io_type(q.dtype)
-    g = cudnn.pygraph(handle=handle, io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT)
+    g, io = _new_graph(q.dtype, handle)
     names = (("off_q", _Uid.OFF_Q), ("off_k", _Uid.OFF_K), ("off_v", _Uid.OFF_V), ("off_o", _Uid.OFF_O),
              ("off_dq", _Uid.OFF_DQ), ("off_dk", _Uid.OFF_DK), ("off_dv", _Uid.OFF_DV))
     offsets = {uid: _offset_tensor(g, name, uid, B) for name, uid in names}
@@ -335,19 +340,7 @@ def _(grad, q, k, v, out, stats, cu, max_seqlen, causal, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
-
-
-def _grad(ctx, grad, _grad_stats):
-    q, k, v, out, stats, cu = ctx.saved_tensors
-    dq, dk, dv = _bwd(grad, q, k, v, out, stats, cu, ctx.max_seqlen, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-_fwd.register_autograd(_grad, setup_context=_setup)
+register_varlen_autograd(_fwd, _bwd)
 
 
 def cudnn_varlen_attn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
